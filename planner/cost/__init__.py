@@ -1,0 +1,1 @@
+"""tera.planner.cost: the cost model."""

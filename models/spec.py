@@ -174,7 +174,7 @@ class ModelSpec:
     norm_eps: float = 1e-5
     source: str = ""  # where the numbers come from
     notes: str = ""
-    published: dict[str, float] = field(default_factory=dict)  # e.g. params_total_b
+    published: dict[str, float] = field(default_factory=dict, hash=False)  # params_total_b, ...
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -207,7 +207,9 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> ModelSpec:
         if not isinstance(data, dict):
-            raise SpecError(where, f"expected a mapping, got {type(data).__name__}", "see DESIGN.md")
+            raise SpecError(
+                where, f"expected a mapping, got {type(data).__name__}", "see DESIGN.md"
+            )
         data = dict(data)
         attention = _build(AttentionSpec, data.pop("attention", None), "attention")
         ffn = _build(FFNSpec, data.pop("ffn", None), "ffn")
@@ -305,5 +307,7 @@ def load_spec(name_or_path: str | Path) -> ModelSpec:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError("model", f"{path.name} is not valid YAML{where}", "fix the syntax") from None
+        raise SpecError(
+            "model", f"{path.name} is not valid YAML{where}", "fix the syntax"
+        ) from None
     return ModelSpec.from_dict(data)

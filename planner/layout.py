@@ -1,0 +1,186 @@
+"""The parallel layout: degrees, ZeRO stage, micro-batch, recomputation and schedule.
+
+Layout string (DESIGN.md):
+  tp=2,pp=8,vpp=4,ep=64,etp=1,cp=1,zero=1,mbs=1,recompute=selective,schedule=interleaved
+dp is derived as gpus / (tp*cp*pp) and may be given to check; dp_replicate (HSDP: the
+number of replicas over which sharded data parallelism is itself replicated) defaults to 1.
+Unknown keys are errors. `Layout.resolve` checks the layout against a model, a world size
+and a batch, and returns the resolved layout with every key set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tera.models.spec import ModelSpec
+from tera.planner.ranks import MeshShape
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved")
+INT_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp", "dp_replicate", "zero", "mbs")
+
+
+class LayoutError(ValueError):
+    """A layout that is malformed or does not fit the model, the cluster or the batch."""
+
+    def __init__(self, field_name: str, problem: str, fix: str):
+        self.field = field_name
+        super().__init__(f"layout.{field_name}: {problem}; {fix}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    dp: int | None = None  # derived from the world size when None
+    dp_replicate: int = 1
+    zero: int = 1
+    mbs: int = 1
+    recompute: str = "none"
+    schedule: str = "1f1b"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """Parse `key=value,...`; every value is checked, unknown keys are refused."""
+        values: dict[str, object] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not raw:
+                raise LayoutError(key or item, f"{item!r} is not key=value", "write e.g. tp=2")
+            if key not in known:
+                raise LayoutError(key, "unknown key", f"use one of {', '.join(sorted(known))}")
+            if key in values:
+                raise LayoutError(key, "given twice", "give each key once")
+            if key in INT_KEYS:
+                if not raw.isdigit() or int(raw) < (0 if key == "zero" else 1):
+                    raise LayoutError(key, f"expected a positive integer, got {raw!r}", "fix it")
+                values[key] = int(raw)
+            else:
+                values[key] = raw.lower()
+        layout = cls(**values)
+        layout._check_values()
+        return layout
+
+    def _check_values(self) -> None:
+        if self.recompute not in RECOMPUTE_MODES:
+            raise LayoutError(
+                "recompute", f"unknown mode {self.recompute!r}", f"use {'|'.join(RECOMPUTE_MODES)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise LayoutError(
+                "schedule", f"unknown schedule {self.schedule!r}", f"use {'|'.join(SCHEDULES)}"
+            )
+        if self.zero not in (0, 1, 2, 3):
+            raise LayoutError("zero", f"stage {self.zero} does not exist", "use 0, 1, 2 or 3")
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise LayoutError("vpp", f"vpp={self.vpp} needs schedule=interleaved", "set both")
+
+    def resolve(self, spec: ModelSpec, gpus: int, global_batch: int, seq_len: int) -> Layout:
+        """Check divisibility against the model, the world size and the batch; fill dp.
+
+        The checks are those a launch would fail on: heads and KV heads split by tp,
+        experts by ep, layers into pp*vpp chunks, gpus by tp*cp*pp, the global batch by
+        dp*mbs, the sequence by cp (and by 2*cp for load-balanced causal attention), and
+        ep*etp inside the dense block tp*cp*dp_shard."""
+        self._check_values()
+        a = spec.attention
+        block = self.tp * self.cp * self.pp
+        if gpus % block:
+            raise LayoutError(
+                "tp",
+                f"tp*cp*pp = {block} does not divide {gpus} GPUs",
+                "choose degrees whose product divides the GPU count",
+            )
+        dp = gpus // block
+        if self.dp is not None and self.dp != dp:
+            raise LayoutError(
+                "dp", f"dp={self.dp} but gpus/(tp*cp*pp) = {dp}", f"drop dp or set dp={dp}"
+            )
+        if a.heads % self.tp:
+            raise LayoutError(
+                "tp", f"tp={self.tp} does not divide {a.heads} heads", "choose a divisor"
+            )
+        if a.kind != "mla" and a.kv_heads % self.tp and self.tp % a.kv_heads:
+            raise LayoutError(
+                "tp",
+                f"tp={self.tp} and {a.kv_heads} KV heads do not divide one another",
+                "choose tp dividing kv_heads or a multiple of it",
+            )
+        chunks = self.pp * self.vpp
+        if chunks > spec.layers:
+            raise LayoutError(
+                "pp", f"pp*vpp = {chunks} exceeds {spec.layers} layers", "use fewer stages"
+            )
+        if self.ep > 1 or self.etp > 1:
+            if spec.moe is None:
+                raise LayoutError("ep", f"{spec.name} has no experts", "use ep=1 etp=1")
+            if spec.moe.experts % self.ep:
+                raise LayoutError(
+                    "ep",
+                    f"ep={self.ep} does not divide {spec.moe.experts} experts",
+                    "choose a divisor",
+                )
+            if spec.moe.expert_hidden % self.etp:
+                raise LayoutError("etp", "etp does not divide expert_hidden", "choose a divisor")
+        if dp % self.dp_replicate:
+            raise LayoutError(
+                "dp_replicate", f"{self.dp_replicate} does not divide dp={dp}", "choose a divisor"
+            )
+        dp_shard = dp // self.dp_replicate
+        if (self.tp * self.cp * dp_shard) % (self.ep * self.etp):
+            raise LayoutError(
+                "ep",
+                f"ep*etp = {self.ep * self.etp} does not divide tp*cp*dp_shard = "
+                f"{self.tp * self.cp * dp_shard}",
+                "lower ep or etp, or raise dp",
+            )
+        if global_batch % (dp * self.mbs):
+            raise LayoutError(
+                "mbs",
+                f"global batch {global_batch} is not a multiple of dp*mbs = {dp * self.mbs}",
+                "change mbs, dp or the global batch",
+            )
+        if seq_len % (2 * self.cp if self.cp > 1 else 1):
+            raise LayoutError(
+                "cp",
+                f"sequence {seq_len} does not split into 2*cp = {2 * self.cp} chunks",
+                "choose cp so that 2*cp divides the sequence length",
+            )
+        microbatches = global_batch // (dp * self.mbs)
+        if self.schedule == "interleaved" and microbatches % self.pp:
+            raise LayoutError(
+                "schedule",
+                f"interleaved needs micro-batches ({microbatches}) divisible by pp",
+                "change the batch or use schedule=1f1b",
+            )
+        return dataclasses.replace(self, dp=dp)
+
+    @property
+    def dp_shard(self) -> int:
+        assert self.dp is not None, "resolve() the layout first"
+        return self.dp // self.dp_replicate
+
+    @property
+    def mesh(self) -> MeshShape:
+        return MeshShape(
+            tp=self.tp,
+            cp=self.cp,
+            dp_shard=self.dp_shard,
+            dp_replicate=self.dp_replicate,
+            pp=self.pp,
+            ep=self.ep,
+            etp=self.etp,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items() if v is not None)

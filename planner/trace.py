@@ -1,0 +1,497 @@
+"""Trace a model into tera's Graph IR: a networkx DiGraph of operators.
+
+The model is built on the `meta` device (no memory, no arithmetic) with balanced static
+routing and run forward and backward on one sequence of `seq_len` tokens under a
+TorchDispatchMode that sees every aten operator. Each aten op is attributed to the
+innermost nn.Module executing it; a module's own ops form one operator node named by the
+module's path (a container's own ops, such as a block's residual adds, get a ":kind"
+suffix). Per node:
+
+  kind         matmul | attention | norm | activation | router | permute | expert |
+               unpermute | residual | embedding | loss
+  layer        block index; -1 for the embedding, `layers` for the head and loss
+  fwd_flops    FLOPs of the forward pass (2*m*n*k per matmul, torch's FLOP formulas)
+  bwd_flops    FLOPs of the backward pass
+  fwd_bytes    bytes read and written by the forward ops (views excluded)
+  bwd_bytes    bytes read and written by the backward ops
+  params       parameters owned by the node (counted once; a tied head owns none)
+  param_bytes  params * dtype bytes
+  saved_bytes  bytes the forward saves for backward, each tensor counted once
+  expert       True for routed expert parameters (sharded over ep rather than tp)
+
+Attention is costed as FlashAttention executes it: on `meta` torch decomposes attention
+into two batched matmuls and a materialised softmax, whose FLOPs are the right count
+(2 matmuls forward, 4 backward, no causal discount, as the published MFU convention
+counts), but whose S x S intermediate is never stored by a fused kernel. So attention
+nodes record bytes as q, k, v and output traffic and saved bytes as q, k, v, output and
+the fp32 log-sum-exp, the tensors FlashAttention-2 keeps (arXiv 2307.08691 Alg. 2).
+
+Only one block of each distinct kind (dense, MoE) is traced; the graph replicates it for
+every layer, which is exact because blocks of one kind are identical. Routing is the
+balanced assignment (every expert receives T*K/E rows); `imbalance` on the graph is the
+factor by which the cost model may scale the busiest expert's work (1.0: balanced).
+
+Graph attributes: model, spec, seq_len, batch (1), dtype_bytes, routing, imbalance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import defaultdict
+
+import networkx as nx
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from tera.models import ModelSpec, build
+from tera.models.ffn import FeedForward
+from tera.models.moe import Experts, MoE, Permute, Router, Unpermute
+from tera.models.transformer import (
+    Attention,
+    Block,
+    CoreAttention,
+    LMHead,
+    MLAttention,
+    RMSNorm,
+    Transformer,
+)
+
+DTYPE = torch.bfloat16
+NODE_FIELDS = (
+    "fwd_flops",
+    "bwd_flops",
+    "fwd_bytes",
+    "bwd_bytes",
+    "params",
+    "param_bytes",
+    "saved_bytes",
+)
+
+# Kind of the operator formed by a module's own ops.
+KIND_OF_MODULE = {
+    torch.nn.Linear: "matmul",
+    torch.nn.Embedding: "embedding",
+    RMSNorm: "norm",
+    CoreAttention: "attention",
+    FeedForward: "activation",
+    Block: "residual",
+    Router: "router",
+    Permute: "permute",
+    Experts: "expert",
+    Unpermute: "unpermute",
+    MoE: "elementwise",
+    Attention: "reshape",
+    MLAttention: "reshape",
+    LMHead: "loss",
+    Transformer: "embedding",
+}
+
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "expand",
+    "transpose",
+    "permute",
+    "t",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "split_with_sizes",
+    "alias",
+    "detach",
+    "as_strided",
+    "unbind",
+    "chunk",
+    "reshape",
+    "_reshape_alias",
+    "unflatten",
+    "flatten",
+    "narrow",
+    "lift_fresh",
+    "empty",
+    "new_empty",
+    "new_empty_strided",
+    "empty_strided",
+}
+
+
+@dataclasses.dataclass
+class _Node:
+    kind: str
+    layer: int
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    fwd_bytes: int = 0
+    bwd_bytes: int = 0
+    params: int = 0
+    param_bytes: int = 0
+    saved_bytes: int = 0
+    expert: bool = False
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+class _GradFnClaimer(TorchFunctionMode):
+    """Maps every autograd node created in the forward to the operator that created it,
+    so that backward ops can be attributed exactly (see _Tracer.claim)."""
+
+    def __init__(self, tracer: _Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.tracer.in_backward:
+            self.tracer.claim(out)
+        return out
+
+
+class _Recorder(TorchDispatchMode):
+    """Attributes every aten op to the operator node of the innermost running module."""
+
+    def __init__(self, tracer: _Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracer.record(func, args, kwargs, out)
+        return out
+
+
+class _Tracer:
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.module_names = {m: n for n, m in model.named_modules()}
+        self.modules_by_name = {n: m for m, n in self.module_names.items()}
+        self.tracker = ModuleTracker()
+        self.nodes: dict[str, _Node] = {}
+        self.edges: set[tuple[str, str]] = set()
+        self.producer = WeakTensorKeyDictionary()  # tensor -> node that produced it
+        self.saved_storages: set[int] = set()
+        self.param_ids = {id(p) for p in model.parameters()}  # weights are not activations
+        self.grad_owner: dict[object, str] = {}  # autograd node -> operator that made it
+        self.in_backward = False
+        self.backward_owner: str | None = None
+        self.last_path = ""  # module of the previous forward op
+        self.segment: dict[str, int] = {}  # container path -> index of its current own-op run
+
+    # -- attribution ----------------------------------------------------------------
+    def current(self) -> str:
+        """Node name for the innermost module in the tracker's stack."""
+        parents = [p for p in self.tracker.parents if p != "Global"]
+        if not parents:
+            return "model:embedding"
+        # The tracker names modules "Transformer.layers.0.attn"; strip the root name.
+        name = max(parents, key=lambda p: p.count("."))
+        path = name.partition(".")[2] if "." in name else ""
+        if not self.in_backward and path != self.last_path:
+            # A container's own ops that resume after one of its children ran (a block's
+            # second residual add) form a new node, which keeps the graph acyclic.
+            if self.last_path.startswith(f"{path}." if path else ""):
+                self.segment[path] = self.segment.get(path, 0) + 1
+            self.last_path = path
+        return self.node_name(path, self.segment.get(path, 0))
+
+    def node_name(self, path: str, segment: int = 0) -> str:
+        module = self.modules_by_name[path]
+        if next(module.children(), None) is None:
+            return path
+        suffix = f".{segment}" if segment else ""
+        return f"{path or 'model'}:{KIND_OF_MODULE[type(module)]}{suffix}"
+
+    def node(self, name: str) -> _Node:
+        if name not in self.nodes:
+            path = name.partition(":")[0]
+            module = self.modules_by_name["" if path == "model" else path]
+            self.nodes[name] = _Node(
+                kind=KIND_OF_MODULE[type(module)], layer=_layer_of(path, self.model)
+            )
+        return self.nodes[name]
+
+    # -- recording ------------------------------------------------------------------
+    def record(self, func, args, kwargs, out) -> None:
+        backward = self.in_backward
+        if backward and self.backward_owner is None:
+            return  # the autograd engine seeding the backward pass, not the model
+        name = self.backward_owner if backward else self.current()
+        node = self.node(name)
+        packet = func._overloadpacket
+        flops = 0
+        if packet in flop_registry:
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+        inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+        moved = 0
+        if packet.__name__ not in _VIEW_OPS:
+            moved = sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
+        if backward:
+            node.bwd_flops += flops
+            node.bwd_bytes += moved
+            return
+        node.fwd_flops += flops
+        node.fwd_bytes += moved
+        if not moved:  # a view: its output is its input's data, from the same producer
+            source = next((self.producer.get(t) for t in inputs if t in self.producer), None)
+            if source is not None:
+                for t in outputs:
+                    self.producer[t] = source
+            return
+        for t in inputs:
+            source = self.producer.get(t)
+            if source is not None and source != name:
+                self.edges.add((source, name))
+        for t in outputs:
+            self.producer[t] = name
+
+    def claim(self, out) -> None:
+        """Give the autograd nodes behind `out` that no operator owns yet to the current
+        operator, with a pre-hook that makes it the owner of the backward ops they run.
+        Autograd runs one node at a time, so the last pre-hook to fire names the owner."""
+        for t in _tensors(out):
+            if t.grad_fn is None:
+                continue
+            # A view's backward belongs to whoever produced the data it views.
+            name = self.producer.get(t) or self.current()
+            stack = [t.grad_fn]
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in self.grad_owner:
+                    continue
+                self.grad_owner[fn] = name
+                fn.register_prehook(functools.partial(self._enter_backward_of, name))
+                stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+    def _enter_backward_of(self, name: str, grad_outputs):
+        self.backward_owner = name
+
+    def on_save(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if not self.in_backward and id(base) not in self.param_ids:
+            key = id(base)  # views of one tensor share its memory: count it once
+            if key not in self.saved_storages:
+                self.saved_storages.add(key)
+                self.node(self.current()).saved_bytes += _nbytes(t)
+        return t
+
+    def run(self, seq_len: int) -> None:
+        tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+        keep_alive = []  # saved tensors must outlive the forward so ids stay unique
+
+        def pack(t):
+            keep_alive.append(t)
+            return self.on_save(t)
+
+        with self.tracker, _GradFnClaimer(self), _Recorder(self):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = self.model(tokens, tokens)
+            self.in_backward = True
+            loss.backward()
+            self.in_backward = False
+        for path, module in self.model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if own:
+                node = self.node(self.node_name(path))
+                node.params += sum(p.numel() for p in own)
+                node.param_bytes += sum(_nbytes(p) for p in own)
+                node.expert = isinstance(module, Experts)
+        self._flash_attention_io()
+
+    def _flash_attention_io(self) -> None:
+        """Replace decomposed-attention bytes with what a fused kernel moves and keeps."""
+        for path, module in self.model.named_modules():
+            if not isinstance(module, CoreAttention):
+                continue
+            q, k, v, o = self.attention_shapes[path]
+            lse = q[0] * q[1] * q[2] * 4  # fp32 log-sum-exp per query row and head
+            io = sum(_numel(s) for s in (q, k, v, o)) * DTYPE.itemsize
+            node = self.nodes[path]
+            node.fwd_bytes = io + lse
+            node.bwd_bytes = 2 * io + lse  # read q, k, v, o, do; write dq, dk, dv
+            node.saved_bytes = io + lse
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _layer_of(path: str, model: Transformer) -> int:
+    parts = path.split(".")
+    if parts[0] == "layers" and len(parts) > 1:
+        return int(parts[1])
+    if parts[0] == "head":
+        return model.spec.layers
+    return -1
+
+
+def _template_spec(spec: ModelSpec) -> tuple[ModelSpec, dict[str, int]]:
+    """A spec with one block of each kind, and the template index of each kind."""
+    kinds = sorted({spec.is_moe_layer(i) for i in range(spec.layers)})
+    if kinds == [False, True]:
+        moe = dataclasses.replace(spec.moe, first_dense_layers=1, every=1)
+        return dataclasses.replace(spec, layers=2, moe=moe), {"dense": 0, "moe": 1}
+    if kinds == [True]:
+        moe = dataclasses.replace(spec.moe, first_dense_layers=0, every=1)
+        return dataclasses.replace(spec, layers=1, moe=moe), {"moe": 0}
+    return dataclasses.replace(spec, layers=1), {"dense": 0}
+
+
+@functools.lru_cache(maxsize=32)
+def trace(spec: ModelSpec, seq_len: int) -> nx.DiGraph:
+    """The Graph IR of `spec` for one sequence of `seq_len` tokens (cached; treat the
+    returned graph as read-only)."""
+    if spec.position == "learned" and seq_len > spec.max_seq_len:
+        from tera.models import SpecError
+
+        raise SpecError(
+            "seq_len",
+            f"{seq_len} exceeds the {spec.max_seq_len} learned positions",
+            f"use --seq-len <= {spec.max_seq_len}",
+        )
+    template, template_index = _template_spec(spec)
+    if spec.position == "learned":
+        template = dataclasses.replace(template, max_seq_len=max(seq_len, 1))
+    model = build(template, device="meta", dtype=DTYPE, balanced_routing=True)
+    tracer = _Tracer(model)
+    tracer.attention_shapes = {}
+    for path, module in model.named_modules():
+        if isinstance(module, CoreAttention):
+            module.register_forward_hook(_remember_shapes(tracer.attention_shapes, path))
+    tracer.run(seq_len)
+    if spec.position == "learned":  # the table has max_seq_len rows whatever we traced
+        node = tracer.nodes["pos_embed"]
+        node.params = spec.max_seq_len * spec.hidden
+        node.param_bytes = node.params * DTYPE.itemsize
+    return _replicate(spec, seq_len, template_index, tracer)
+
+
+def _remember_shapes(store: dict, path: str):
+    def hook(module, inputs, output):
+        store[path] = (*(tuple(x.shape) for x in inputs), tuple(output.shape))
+
+    return hook
+
+
+def _replicate(
+    spec: ModelSpec, seq_len: int, template_index: dict[str, int], tracer: _Tracer
+) -> nx.DiGraph:
+    """Expand the template's blocks to every layer of `spec`, with their edges."""
+    graph = nx.DiGraph(
+        model=spec.name,
+        spec=spec.to_dict(),
+        seq_len=seq_len,
+        batch=1,
+        dtype_bytes=DTYPE.itemsize,
+        routing="balanced",
+        imbalance=1.0,
+    )
+    _renumber_segments(tracer)
+    template_layers = len(template_index)
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for name, node in tracer.nodes.items():
+        by_layer[node.layer].append(name)
+
+    def rename(name: str, src: int, dst: int) -> str:
+        return name.replace(f"layers.{src}.", f"layers.{dst}.", 1).replace(
+            f"layers.{src}:", f"layers.{dst}:", 1
+        )
+
+    def template_of(i: int) -> int:
+        return template_index["moe" if spec.is_moe_layer(i) else "dense"]
+
+    def add(name: str, node: _Node, layer: int) -> None:
+        if not any(getattr(node, f) for f in NODE_FIELDS):
+            return  # pure views and reshapes: nothing to cost
+        attrs = dataclasses.asdict(node)
+        attrs["layer"] = layer
+        graph.add_node(name, **attrs)
+
+    head_layer = template_layers
+    for name in by_layer[-1]:
+        add(name, tracer.nodes[name], -1)
+    for i in range(spec.layers):
+        src = template_of(i)
+        for name in by_layer[src]:
+            add(rename(name, src, i), tracer.nodes[name], i)
+    for name in by_layer[head_layer]:
+        add(name, tracer.nodes[name], spec.layers)
+
+    crossing = [(u, v) for u, v in tracer.edges if tracer.nodes[u].layer != tracer.nodes[v].layer]
+    for u, v in tracer.edges:
+        layer = tracer.nodes[u].layer
+        if layer != tracer.nodes[v].layer:
+            continue
+        if 0 <= layer < head_layer:  # inside a block: copy into every layer of its kind
+            for i in range(spec.layers):
+                if template_of(i) == layer:
+                    _add_edge(graph, rename(u, layer, i), rename(v, layer, i))
+        else:
+            _add_edge(graph, u, v)
+    # Residual-stream edges between consecutive stages of the chain
+    # embedding -> block 0 -> ... -> block L-1 -> head, mapped onto each block's template.
+    # Every block feeds its auxiliary loss into the loss node: copied per layer. The other
+    # crossing edges carry the residual stream along the chain.
+    leaving = defaultdict(set)
+    entering = defaultdict(set)
+    for u, v in crossing:
+        lu, lv = tracer.nodes[u].layer, tracer.nodes[v].layer
+        if tracer.nodes[v].kind == "loss" and 0 <= lu < head_layer:
+            for i in range(spec.layers):
+                if template_of(i) == lu:
+                    _add_edge(graph, rename(u, lu, i), v)
+        else:
+            leaving[lu].add(u)
+            entering[lv].add(v)
+    chain = [(-1, -1)] + [(template_of(i), i) for i in range(spec.layers)]
+    chain.append((head_layer, spec.layers))
+    for (tu, iu), (tv, iv) in zip(chain, chain[1:], strict=False):
+        for u in leaving[tu]:
+            for v in entering[tv]:
+                src = rename(u, tu, iu) if 0 <= iu < spec.layers else u
+                dst = rename(v, tv, iv) if 0 <= iv < spec.layers else v
+                _add_edge(graph, src, dst)
+    return graph
+
+
+def _renumber_segments(tracer: _Tracer) -> None:
+    """Name a container's surviving own-op runs :kind, :kind.1, ... in execution order
+    (runs that were pure views cost nothing and were never recorded as nodes with cost)."""
+    kept = [n for n, node in tracer.nodes.items() if any(getattr(node, f) for f in NODE_FIELDS)]
+    runs: dict[str, list[str]] = defaultdict(list)
+    for name in kept:  # dict order is first-seen order, i.e. execution order
+        if ":" in name:
+            base, _, index = name.rpartition(".")
+            runs[base if index.isdigit() else name].append(name)
+    renamed = {}
+    for base, names in runs.items():
+        for i, name in enumerate(names):
+            renamed[name] = base if i == 0 else f"{base}.{i}"
+    tracer.nodes = {renamed.get(n, n): tracer.nodes[n] for n in kept}
+    survivors = set(kept)
+    tracer.edges = {
+        (renamed.get(u, u), renamed.get(v, v))
+        for u, v in tracer.edges
+        if u in survivors and v in survivors
+    }
+
+
+def _add_edge(graph: nx.DiGraph, u: str, v: str) -> None:
+    if u in graph and v in graph:
+        graph.add_edge(u, v)

@@ -213,15 +213,13 @@ class _Tracer:
         if next(module.children(), None) is None:
             return path
         suffix = f".{segment}" if segment else ""
-        return f"{path or 'model'}:{KIND_OF_MODULE[type(module)]}{suffix}"
+        return f"{path or 'model'}:{self.kind_of(module)}{suffix}"
 
     def node(self, name: str) -> _Node:
         if name not in self.nodes:
             path = name.partition(":")[0]
             module = self.modules_by_name["" if path == "model" else path]
-            self.nodes[name] = _Node(
-                kind=KIND_OF_MODULE[type(module)], layer=_layer_of(path, self.model)
-            )
+            self.nodes[name] = _Node(kind=self.kind_of(module), layer=self.layer_of(path))
         return self.nodes[name]
 
     # -- recording ------------------------------------------------------------------
@@ -288,6 +286,23 @@ class _Tracer:
                 self.node(self.current()).saved_bytes += _nbytes(t)
         return t
 
+    def kind_of(self, module: torch.nn.Module) -> str:
+        """Operator kind of a module's own ops (override for foreign model families)."""
+        return KIND_OF_MODULE[type(module)]
+
+    def layer_of(self, path: str) -> int:
+        """Block index of a module path: -1 before the blocks, `layers` after them."""
+        parts = path.split(".")
+        if parts[0] == "layers" and len(parts) > 1:
+            return int(parts[1])
+        if parts[0] == "head":
+            return self.model.spec.layers
+        return -1
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The scalar the traced backward starts from (override for foreign models)."""
+        return self.model(tokens, tokens)
+
     def run(self, seq_len: int) -> None:
         tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
         keep_alive = []  # saved tensors must outlive the forward so ids stay unique
@@ -298,7 +313,7 @@ class _Tracer:
 
         with self.tracker, _GradFnClaimer(self), _Recorder(self):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = self.model(tokens, tokens)
+                loss = self.loss(tokens)
             self.in_backward = True
             loss.backward()
             self.in_backward = False
@@ -330,15 +345,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _layer_of(path: str, model: Transformer) -> int:
-    parts = path.split(".")
-    if parts[0] == "layers" and len(parts) > 1:
-        return int(parts[1])
-    if parts[0] == "head":
-        return model.spec.layers
-    return -1
 
 
 def _template_spec(spec: ModelSpec) -> tuple[ModelSpec, dict[str, int]]:

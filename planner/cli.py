@@ -1,0 +1,225 @@
+"""`tera-plan`: a thin command line over tera.planner's Python API.
+
+Exit status: 0 success, 2 bad input (one line naming the field and the fix, no
+traceback). Heavy imports (torch, networkx) happen inside the commands that need them, so
+`tera-plan models` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+GiB = 2**30
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from tera.models import SpecError
+    from tera.planner.layout import LayoutError
+    from tera.topologies import ClusterError
+
+    return SpecError, LayoutError, ClusterError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tera-plan", description="Plan the parallel layout of MoE training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("models", help="list model presets")
+    sub.add_parser("clusters", help="list cluster presets")
+
+    p = sub.add_parser("trace", help="trace a model to the Graph IR and summarise it")
+    p.add_argument("model", help="preset name or model YAML path")
+    p.add_argument("--seq-len", type=_positive_int, default=4096)
+    p.add_argument("--json", action="store_true", help="print the graph as node-link JSON")
+
+    p = sub.add_parser("evaluate", help="cost one layout")
+    p.add_argument("model", help="preset name or model YAML path")
+    p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
+    p.add_argument("--gpus", type=_positive_int, help="size the cluster to N GPUs")
+    p.add_argument("--layout", required=True, help="e.g. tp=2,pp=4,ep=8,zero=1,mbs=1")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
+    p.add_argument(
+        "--imbalance",
+        type=float,
+        default=1.0,
+        help="busiest expert's load over the mean (1.0: balanced routing)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"models": _models, "clusters": _clusters, "trace": _trace, "evaluate": _evaluate}
+    try:
+        return command[args.command](args)
+    except _input_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def _models(args) -> int:
+    import yaml
+
+    from tera.models.spec import PRESET_DIR, preset_names
+
+    table = _table(
+        "model presets",
+        ["name", "layers", "hidden", "attention", "experts", "top-k", "params (B)", "active (B)"],
+    )
+    for name in preset_names():
+        data = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+        moe = data.get("moe") or {}
+        published = data.get("published") or {}
+        table.add_row(
+            name,
+            str(data["layers"]),
+            str(data["hidden"]),
+            data["attention"]["kind"],
+            str(moe.get("experts", "-")),
+            str(moe.get("top_k", "-")),
+            str(published.get("params_total_b", "-")),
+            str(published.get("params_active_b", "-")),
+        )
+    _console().print(table)
+    print("params: published figures; `tera-plan trace MODEL` counts them from the model.")
+    return 0
+
+
+def _clusters(args) -> int:
+    from tera.topologies import load, preset_names
+
+    for name in preset_names():
+        print(load(name).describe())
+    return 0
+
+
+def _trace(args) -> int:
+    from tera.models import load_spec
+    from tera.planner.trace import trace
+
+    spec = load_spec(args.model)
+    graph = trace(spec, args.seq_len)
+    if args.json:
+        import networkx as nx
+
+        print(json.dumps(nx.node_link_data(graph, edges="edges"), default=str))
+        return 0
+    tokens = args.seq_len
+    kinds: dict[str, dict[str, float]] = {}
+    for _, node in graph.nodes(data=True):
+        row = kinds.setdefault(node["kind"], dict(nodes=0, fwd=0, bwd=0, params=0, saved=0))
+        row["nodes"] += 1
+        row["fwd"] += node["fwd_flops"]
+        row["bwd"] += node["bwd_flops"]
+        row["params"] += node["params"]
+        row["saved"] += node["saved_bytes"]
+    table = _table(
+        f"{spec.name}: {graph.number_of_nodes()} operators, {graph.number_of_edges()} edges, "
+        f"one sequence of {tokens} tokens (bf16)",
+        ["kind", "nodes", "fwd GFLOP/token", "bwd GFLOP/token", "params (M)", "saved (MiB)"],
+    )
+    for kind, row in sorted(kinds.items(), key=lambda kv: -kv[1]["fwd"]):
+        table.add_row(
+            kind,
+            str(row["nodes"]),
+            f"{row['fwd'] / tokens / 1e9:.3f}",
+            f"{row['bwd'] / tokens / 1e9:.3f}",
+            f"{row['params'] / 1e6:,.1f}",
+            f"{row['saved'] / 2**20:,.1f}",
+        )
+    total = {k: sum(r[k] for r in kinds.values()) for k in ("fwd", "bwd", "params", "saved")}
+    table.add_row(
+        "total",
+        str(graph.number_of_nodes()),
+        f"{total['fwd'] / tokens / 1e9:.3f}",
+        f"{total['bwd'] / tokens / 1e9:.3f}",
+        f"{total['params'] / 1e6:,.1f}",
+        f"{total['saved'] / 2**20:,.1f}",
+    )
+    _console().print(table)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from tera.planner import evaluate
+
+    estimate = evaluate(
+        args.model,
+        args.cluster,
+        args.layout,
+        args.global_batch,
+        args.seq_len,
+        gpus=args.gpus,
+        precision=args.precision,
+        imbalance=args.imbalance,
+    )
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return 0
+    e = estimate
+    console = _console()
+    console.print(
+        f"[bold]{e.model}[/] on {e.cluster}, {e.gpus} GPUs, {e.precision}, "
+        f"global batch {e.global_batch} x {e.seq_len} tokens, {e.microbatches} micro-batches"
+    )
+    console.print(f"layout: {e.layout}")
+    summary = _table("prediction", ["metric", "value"])
+    summary.add_row("step time", f"{e.step_time_s:.3f} s")
+    summary.add_row("tokens/s per GPU", f"{e.tokens_per_s_per_gpu:,.0f}")
+    summary.add_row("model TFLOP/s per GPU", f"{e.model_tflops_per_gpu:.1f}")
+    summary.add_row("MFU (of dense BF16 peak)", f"{e.mfu:.1%}")
+    fits = "fits" if e.fits else "DOES NOT FIT"
+    summary.add_row(
+        "peak memory per GPU", f"{e.peak_memory_gib:.1f} GiB of {e.hbm_gib:.1f} ({fits})"
+    )
+    console.print(summary)
+    times = _table("step time breakdown (slowest stage, seconds per step)", ["part", "s", "share"])
+    for part, seconds in e.breakdown_s.items():
+        times.add_row(part, f"{seconds:.3f}", f"{seconds / e.step_time_s:.1%}")
+    console.print(times)
+    memory = _table("memory on the fullest stage (GiB)", ["part", "GiB"])
+    for part, gib in e.memory_gib.items():
+        memory.add_row(part, f"{gib:.2f}")
+    console.print(memory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,8 +12,14 @@ suffix). Per node:
   layer        block index; -1 for the embedding, `layers` for the head and loss
   fwd_flops    FLOPs of the forward pass (2*m*n*k per matmul, torch's FLOP formulas)
   bwd_flops    FLOPs of the backward pass
-  fwd_bytes    bytes read and written by the forward ops (views excluded)
-  bwd_bytes    bytes read and written by the backward ops
+  fwd_bytes    bytes the forward moves to and from memory as one fused kernel would:
+               every tensor read from outside the node (another node, a parameter) once,
+               every tensor it produces once when something outside reads it
+  bwd_bytes    the same for the backward (saved tensors count as outside reads), plus
+               one write of each weight gradient
+  fwd_weight_bytes, bwd_weight_bytes
+               the part of those bytes that is parameters and their gradients, which
+               shards with the weights (tp, ep) rather than with the tokens
   params       parameters owned by the node (counted once; a tied head owns none)
   param_bytes  params * dtype bytes
   saved_bytes  bytes the forward saves for backward, each tensor counted once
@@ -68,6 +74,8 @@ NODE_FIELDS = (
     "bwd_flops",
     "fwd_bytes",
     "bwd_bytes",
+    "fwd_weight_bytes",
+    "bwd_weight_bytes",
     "params",
     "param_bytes",
     "saved_bytes",
@@ -131,6 +139,8 @@ class _Node:
     bwd_flops: int = 0
     fwd_bytes: int = 0
     bwd_bytes: int = 0
+    fwd_weight_bytes: int = 0
+    bwd_weight_bytes: int = 0
     params: int = 0
     param_bytes: int = 0
     saved_bytes: int = 0
@@ -182,7 +192,9 @@ class _Tracer:
         self.tracker = ModuleTracker()
         self.nodes: dict[str, _Node] = {}
         self.edges: set[tuple[str, str]] = set()
-        self.producer = WeakTensorKeyDictionary()  # tensor -> node that produced it
+        self.producer = WeakTensorKeyDictionary()  # tensor -> node whose forward made it
+        self.origin = WeakTensorKeyDictionary()  # tensor -> (node, "fwd" | "bwd") that made it
+        self.readers = WeakTensorKeyDictionary()  # tensor -> {(node, pass)} that read it
         self.saved_storages: set[int] = set()
         self.param_ids = {id(p) for p in model.parameters()}  # weights are not activations
         self.grad_owner: dict[object, str] = {}  # autograd node -> operator that made it
@@ -229,25 +241,21 @@ class _Tracer:
             return  # the autograd engine seeding the backward pass, not the model
         name = self.backward_owner if backward else self.current()
         node = self.node(name)
+        direction = "bwd" if backward else "fwd"
         packet = func._overloadpacket
-        flops = 0
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            setattr(node, f"{direction}_flops", getattr(node, f"{direction}_flops") + flops)
         inputs, outputs = _tensors((args, kwargs)), _tensors(out)
-        moved = 0
-        if packet.__name__ not in _VIEW_OPS:
-            moved = sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
-        if backward:
-            node.bwd_flops += flops
-            node.bwd_bytes += moved
+        if packet.__name__ in _VIEW_OPS:  # a view: same data, same producer, no traffic
+            for source_map in (self.origin, self.producer):
+                source = next((source_map[t] for t in inputs if t in source_map), None)
+                if source is not None:
+                    for t in outputs:
+                        source_map[t] = source
             return
-        node.fwd_flops += flops
-        node.fwd_bytes += moved
-        if not moved:  # a view: its output is its input's data, from the same producer
-            source = next((self.producer.get(t) for t in inputs if t in self.producer), None)
-            if source is not None:
-                for t in outputs:
-                    self.producer[t] = source
+        self._count_io(name, direction, inputs, outputs)
+        if backward:
             return
         for t in inputs:
             source = self.producer.get(t)
@@ -255,6 +263,32 @@ class _Tracer:
                 self.edges.add((source, name))
         for t in outputs:
             self.producer[t] = name
+
+    def _count_io(self, name: str, direction: str, inputs, outputs) -> None:
+        """Bytes a fused kernel for the node would move: each tensor it reads from outside
+        (another node, the other pass, a parameter) once, and each tensor it produces once,
+        when something outside first reads it. Ops inside one node exchange no memory."""
+        me = (name, direction)
+        for t in inputs:
+            origin = self.origin.get(t)
+            if origin == me:
+                continue
+            readers = self.readers.setdefault(t, set())
+            if me in readers:
+                continue
+            readers.add(me)
+            node = self.nodes[name]
+            setattr(node, f"{direction}_bytes", getattr(node, f"{direction}_bytes") + _nbytes(t))
+            base = t._base if t._base is not None else t
+            if id(base) in self.param_ids:
+                key = f"{direction}_weight_bytes"
+                setattr(node, key, getattr(node, key) + _nbytes(t))
+            if origin is not None and len(readers) == 1:  # first outside reader: a write
+                writer = self.nodes[origin[0]]
+                key = f"{origin[1]}_bytes"
+                setattr(writer, key, getattr(writer, key) + _nbytes(t))
+        for t in outputs:
+            self.origin[t] = me
 
     def claim(self, out) -> None:
         """Give the autograd nodes behind `out` that no operator owns yet to the current
@@ -324,6 +358,9 @@ class _Tracer:
                 node.params += sum(p.numel() for p in own)
                 node.param_bytes += sum(_nbytes(p) for p in own)
                 node.expert = isinstance(module, Experts)
+                # the gradient of each weight is written once (accumulation is in place)
+                node.bwd_bytes += sum(_nbytes(p) for p in own)
+                node.bwd_weight_bytes += sum(_nbytes(p) for p in own)
         self._flash_attention_io()
 
     def _flash_attention_io(self) -> None:

@@ -127,7 +127,8 @@ class CostModel:
             axis: layout.mesh.groups(axis)[0]
             for axis in ("tp", "cp", "pp", "ep", "dp_cp", "edp_full", "dp_shard")
         }
-        self.act_scale = 2.0 if precision == "fp32" else 1.0  # trace activations are bf16
+        # the trace is bf16; fp32 training moves twice the bytes
+        self.act_scale = self.weight_scale = 2.0 if precision == "fp32" else 1.0
         self.stages = split_stages(graph, layout.pp, layout.vpp)
 
     # -- compute -----------------------------------------------------------------------
@@ -140,16 +141,23 @@ class CostModel:
         return matmul, attention, gpu.hbm_bw * cal.HBM_EFFICIENCY
 
     def _compute(self, stage: Stage, direction: str) -> float:
+        """Roofline time of the stage's operators for one micro-batch on this rank.
+        Token work divides by tp*cp; weight traffic by tp, or by ep*etp for experts."""
         matmul_rate, attention_rate, hbm = self._rates()
-        share = self.layout.mbs / (self.layout.tp * self.layout.cp)
+        L = self.layout
+        share = L.mbs / (L.tp * L.cp)
         seconds = 0.0
         for kind, sums in stage.totals.by_kind.items():
-            flops, moved = sums[f"{direction}_flops"] * share, sums[f"{direction}_bytes"] * share
+            flops = sums[f"{direction}_flops"] * share
+            weights = sums[f"{direction}_weight_bytes"]
+            tokens = (sums[f"{direction}_bytes"] - weights) * share * self.act_scale
+            weight_shard = L.ep * L.etp if kind == "expert" else L.tp
+            moved = tokens + weights * self.weight_scale / weight_shard
             if kind == "attention":
                 flop_time = flops * cal.CAUSAL_FRACTION / attention_rate
             else:
                 flop_time = flops / matmul_rate
-            t = max(flop_time, moved * self.act_scale / hbm)
+            t = max(flop_time, moved / hbm)
             if kind in ("expert", "permute", "unpermute"):
                 t *= self.imbalance
             seconds += t

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-SUMMED = ("fwd_flops", "bwd_flops", "fwd_bytes", "bwd_bytes", "saved_bytes")
+SUMMED = (
+    "fwd_flops",
+    "bwd_flops",
+    "fwd_bytes",
+    "bwd_bytes",
+    "fwd_weight_bytes",
+    "bwd_weight_bytes",
+    "saved_bytes",
+)
 
 
 @dataclass

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped output (files, tests, CI logs) gets a width that does not truncate names.
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _table(title: str, columns: list[str]):
@@ -90,7 +91,7 @@ def _table(title: str, columns: list[str]):
 
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     return table
 
 

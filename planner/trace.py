@@ -432,11 +432,9 @@ def _remember_shapes(store: dict, path: str):
     return hook
 
 
-def _replicate(
-    spec: ModelSpec, seq_len: int, template_index: dict[str, int], tracer: _Tracer
-) -> nx.DiGraph:
-    """Expand the template's blocks to every layer of `spec`, with their edges."""
-    graph = nx.DiGraph(
+def empty_graph(spec: ModelSpec, seq_len: int) -> nx.DiGraph:
+    """A Graph IR with its graph attributes set and no nodes yet."""
+    return nx.DiGraph(
         model=spec.name,
         spec=spec.to_dict(),
         seq_len=seq_len,
@@ -445,6 +443,13 @@ def _replicate(
         routing="balanced",
         imbalance=1.0,
     )
+
+
+def _replicate(
+    spec: ModelSpec, seq_len: int, template_index: dict[str, int], tracer: _Tracer
+) -> nx.DiGraph:
+    """Expand the template's blocks to every layer of `spec`, with their edges."""
+    graph = empty_graph(spec, seq_len)
     _renumber_segments(tracer)
     template_layers = len(template_index)
     by_layer: dict[int, list[str]] = defaultdict(list)

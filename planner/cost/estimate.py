@@ -26,7 +26,6 @@ shape under contiguous placement) over the cluster's topology.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from tera.planner.cost import calibration as cal
@@ -277,6 +276,19 @@ class CostModel:
         optimizer = local * cal.ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * cal.HBM_EFFICIENCY)
         return exposed, optimizer
 
+    def stage_memory(self, stage: Stage) -> StageMemory:
+        top_k = (self.spec["moe"] or {}).get("top_k", 1)
+        return stage_memory(
+            stage,
+            self.layout,
+            self.precision,
+            self.seq_len,
+            self.spec["hidden"],
+            self.microbatches,
+            self.act_scale,
+            top_k,
+        )
+
     # -- everything ------------------------------------------------------------------------
     def estimate(self, model_name: str, reserve_bytes: float = 0.0) -> Estimate:
         L = self.layout
@@ -297,19 +309,7 @@ class CostModel:
         breakdown["dp_comm"] = dp_exposed
         breakdown["optimizer"] = optimizer
 
-        memories = [
-            stage_memory(
-                s,
-                L,
-                self.precision,
-                self.seq_len,
-                self.spec["hidden"],
-                m,
-                self.act_scale,
-                (self.spec["moe"] or {}).get("top_k", 1),
-            )
-            for s in self.stages
-        ]
+        memories = [self.stage_memory(s) for s in self.stages]
         peak = max(memories, key=lambda mem: mem.total)
         hbm = self.gpu.hbm_bytes
         flops_per_seq = sum(d["fwd_flops"] + d["bwd_flops"] for _, d in self.graph.nodes(data=True))
@@ -337,23 +337,3 @@ class CostModel:
             microbatches=m,
             model_flops_per_step=model_flops,
         )
-
-
-def stage_memories(cost: CostModel) -> list[StageMemory]:
-    return [
-        stage_memory(
-            s,
-            cost.layout,
-            cost.precision,
-            cost.seq_len,
-            cost.spec["hidden"],
-            cost.microbatches,
-            cost.act_scale,
-            (cost.spec["moe"] or {}).get("top_k", 1),
-        )
-        for s in cost.stages
-    ]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf

@@ -59,6 +59,7 @@ from tera.planner.trace import (
     _template_spec,
     _Tracer,
     empty_graph,
+    flash_attention_io,
 )
 
 MODEL_CLASSES = {
@@ -420,21 +421,10 @@ class HFTracer(_Tracer):
         k = (1, k_heads, seq_len, a.qk_head_dim)
         v = (1, k_heads, seq_len, a.value_head_dim)
         o = (1, a.heads, seq_len, a.value_head_dim)
-        lse = a.heads * seq_len * 4  # fp32 log-sum-exp per query row and head
-        io = sum(_numel(s) for s in (q, k, v, o)) * DTYPE.itemsize
         for node in self.nodes.values():
             # Only the segment running sdpa has FLOPs; RoPE-only segments keep their bytes.
             if node.kind == "attention" and node.fwd_flops:
-                node.fwd_bytes = io + lse
-                node.bwd_bytes = 2 * io + lse
-                node.saved_bytes = io + lse
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+                flash_attention_io(node, q, k, v, o)
 
 
 def trace_hf(config: dict[str, Any], seq_len: int, replicate: bool = True) -> nx.DiGraph:

@@ -368,13 +368,17 @@ class _Tracer:
         for path, module in self.model.named_modules():
             if not isinstance(module, CoreAttention):
                 continue
-            q, k, v, o = self.attention_shapes[path]
-            lse = q[0] * q[1] * q[2] * 4  # fp32 log-sum-exp per query row and head
-            io = sum(_numel(s) for s in (q, k, v, o)) * DTYPE.itemsize
-            node = self.nodes[path]
-            node.fwd_bytes = io + lse
-            node.bwd_bytes = 2 * io + lse  # read q, k, v, o, do; write dq, dk, dv
-            node.saved_bytes = io + lse
+            flash_attention_io(self.nodes[path], *self.attention_shapes[path])
+
+
+def flash_attention_io(node: _Node, q, k, v, o) -> None:
+    """Set an attention node's bytes to what FlashAttention moves and keeps for q, k, v
+    and output of these (B, heads, S, dim) shapes."""
+    lse = q[0] * q[1] * q[2] * 4  # fp32 log-sum-exp per query row and head
+    io = sum(_numel(s) for s in (q, k, v, o)) * DTYPE.itemsize
+    node.fwd_bytes = io + lse
+    node.bwd_bytes = 2 * io + lse  # read q, k, v, o, do; write dq, dk, dv
+    node.saved_bytes = io + lse
 
 
 def _numel(shape) -> int:

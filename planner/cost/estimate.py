@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tera.planner.cost import calibration as cal
-from tera.planner.cost.memory import StageMemory, stage_memory
+from tera.planner.cost.memory import StageMemory, stage_memory, zero_shards
 from tera.planner.cost.stages import Stage, split_stages
 from tera.planner.layout import Layout
 
@@ -270,8 +270,7 @@ class CostModel:
             )
         else:
             exposed = max(0.0, reduce - last_backward) + max(0.0, gather - first_forward)
-        shards = (L.dp * L.cp) if L.zero >= 1 else 1
-        expert_shards = (L.dp * L.tp * L.cp // (L.ep * L.etp)) if L.zero >= 1 else 1
+        shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
         local = dense / shards + expert / expert_shards
         optimizer = local * cal.ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * cal.HBM_EFFICIENCY)
         return exposed, optimizer

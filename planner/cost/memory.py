@@ -55,6 +55,18 @@ class StageMemory:
         }
 
 
+def zero_shards(layout) -> tuple[int, int]:
+    """Ranks over which ZeRO shards a dense and an expert parameter's state: dp*cp
+    (Megatron's distributed-optimizer group) and edp*dp_replicate; HSDP (zero=3 with
+    dp_replicate > 1) shards inside one replica only."""
+    dense = layout.dp * layout.cp  # dp includes dp_replicate
+    expert = layout.dp * layout.tp * layout.cp // (layout.ep * layout.etp)
+    if layout.zero == 3 and layout.dp_replicate > 1:
+        dense //= layout.dp_replicate
+        expert //= layout.dp_replicate
+    return dense, expert
+
+
 def in_flight_chunks(stage: int, pp: int, vpp: int, microbatches: int) -> int:
     """Virtual-chunk activations stage `stage` holds at its peak (Megatron's warm-up
     count plus the one in steady state): 1F1B holds pp - stage micro-batches; the
@@ -80,11 +92,7 @@ def stage_memory(
     tp, cp = layout.tp, layout.cp
     dense = stage.totals.dense_params / tp
     expert = stage.totals.expert_params / (layout.ep * layout.etp)
-    dense_shards = layout.dp * cp  # dp includes dp_replicate; Megatron shards over dp x cp
-    expert_shards = layout.dp * tp * cp // (layout.ep * layout.etp)  # edp * dp_replicate
-    if layout.zero == 3 and layout.dp_replicate > 1:  # HSDP shards inside a replica only
-        dense_shards //= layout.dp_replicate
-        expert_shards //= layout.dp_replicate
+    dense_shards, expert_shards = zero_shards(layout)
 
     def sharded(count_dense: float, count_expert: float, stage_zero: int) -> float:
         if layout.zero >= stage_zero:

@@ -13,12 +13,34 @@ from torch import nn
 from tera.models.spec import FFNSpec
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up, saving only its two inputs (act is recomputed in backward), as
+    a fused SwiGLU/GeGLU kernel does; eager autograd would also keep act(gate)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, kind):
+        ctx.kind = kind
+        ctx.save_for_backward(gate, up)
+        return _gate_act(kind, gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        if ctx.kind == "swiglu":
+            dgate = torch.ops.aten.silu_backward(dy * up, gate)
+        else:
+            dgate = torch.ops.aten.gelu_backward(dy * up, gate, approximate="tanh")
+        return dgate, dy * _gate_act(ctx.kind, gate), None
+
+
+def _gate_act(kind: str, gate: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) if kind == "swiglu" else F.gelu(gate, approximate="tanh")
+
+
 def activation(kind: str, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """The FFN non-linearity; gated kinds multiply act(gate) by the up projection `x`."""
-    if kind == "swiglu":
-        return F.silu(gate) * x
-    if kind == "geglu":
-        return F.gelu(gate, approximate="tanh") * x
+    if kind in ("swiglu", "geglu"):
+        return _GatedActivation.apply(gate, x, kind)
     if kind == "gelu":
         return F.gelu(x, approximate="tanh")
     if kind == "relu":

@@ -28,6 +28,34 @@ from tera.models.moe import MoE
 from tera.models.spec import AttentionSpec, ModelSpec
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps), computed in fp32.
+
+    Saves only the input and the fp32 rstd of each row, as a fused norm kernel does
+    (Megatron-LM/Transformer Engine), not the fp32 copies eager autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(_at_least_fp32(x))
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.to(x32.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        dy32 = dy.to(rstd.dtype)
+        dweight = (dy32 * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        g = dy32 * weight.to(rstd.dtype)
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dweight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -36,9 +64,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 for stability, as every production implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_cos_sin(seq_len: int, dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ Per pipeline stage and micro-batch the model sums, forward and backward separate
            rank of the expert mesh the same share of expert rows, times the imbalance)
   tp       per block 1 all-gather + 1 reduce-scatter of the block input around attention
            and around the dense FFN (or shared experts); none around routed experts with
-           etp=1, whose tokens stay sequence-sharded (Megatron's sequence parallelism)
-  ep       per MoE block a dispatch and a combine all-to-all of the routed rows
+           etp=1, whose tokens stay sequence-sharded (Megatron's sequence parallelism);
+           the calibrated fraction tp_exposed of it is on the critical path
+  ep       per MoE block a dispatch and a combine all-to-all of the routed rows, of which
+           the fraction ep_exposed is on the critical path
   cp       per block cp-1 ring steps exchanging K and V, hidden under attention compute
            when shorter (ring attention)
   pp       one send/recv of the stage's output activations per micro-batch and direction
@@ -18,7 +20,11 @@ schedule otherwise; uniform stages give the textbook bubble (pp-1)/vpp * T).
 Data parallelism reduces gradients once per step (all-reduce for zero=0, reduce-scatter
 then a parameter all-gather for zero>=1, per micro-batch gathers for zero=3), overlapped
 with the last micro-batch's backward (and the next step's first forward for the gather);
-what does not fit under it is exposed. The optimizer step streams the local shard.
+what does not fit under it is exposed, and at least the calibrated fraction dp_exposed of
+it always is. The optimizer step streams the local shard.
+
+Rates and overlap fractions come from a Calibration (calibration.py); collective times do
+not depend on it and are computed once per CostModel, so `recalibrated` is cheap.
 
 Collectives are costed on the first group of each axis (groups of one axis have the same
 shape under contiguous placement) over the cluster's topology.
@@ -26,9 +32,11 @@ shape under contiguous placement) over the cluster's topology.
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field
 
-from tera.planner.cost import calibration as cal
+from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
 from tera.planner.cost.memory import StageMemory, stage_memory, zero_shards
 from tera.planner.cost.stages import Stage, split_stages
 from tera.planner.layout import Layout
@@ -108,6 +116,7 @@ class CostModel:
         global_batch: int,
         precision: str,
         imbalance: float = 1.0,
+        calibration: Calibration | None = None,
     ):
         from tera.topologies import collectives
 
@@ -129,15 +138,38 @@ class CostModel:
         # the trace is bf16; fp32 training moves twice the bytes
         self.act_scale = self.weight_scale = 2.0 if precision == "fp32" else 1.0
         self.stages = split_stages(graph, layout.pp, layout.vpp)
+        self.cal = calibration if calibration is not None else Calibration.load()
+        self._comm: dict[tuple[str, int], float] = {}  # calibration-free collective seconds
+
+    def recalibrated(self, calibration: Calibration) -> CostModel:
+        """The same problem under other constants; shares the collective-time cache."""
+        other = copy.copy(self)
+        other.cal = calibration
+        return other
+
+    def _cached(self, key: str, stage: Stage, compute) -> float:
+        if (key, stage.index) not in self._comm:
+            self._comm[key, stage.index] = compute(stage)
+        return self._comm[key, stage.index]
 
     # -- compute -----------------------------------------------------------------------
     def _rates(self) -> tuple[float, float, float]:
         gpu = self.gpu
         fp8 = self.precision == "fp8" and gpu.fp8_flops
         peak = gpu.fp8_flops if fp8 else gpu.bf16_flops
-        matmul = peak * cal.matmul_efficiency(gpu.arch, bool(fp8))
-        attention = gpu.bf16_flops * cal.attention_efficiency(self.seq_len)
-        return matmul, attention, gpu.hbm_bw * cal.HBM_EFFICIENCY
+        matmul = peak * self.cal.matmul_efficiency(gpu.arch, bool(fp8))
+        attention = gpu.bf16_flops * self.cal.attention_efficiency(self.seq_len)
+        return matmul, attention, gpu.hbm_bw * self.cal.hbm_efficiency
+
+    def rows_per_expert(self) -> float:
+        """Routed rows one local expert receives per micro-batch under balanced routing:
+        the ep ranks of a group each send their sequence-parallel share of tokens."""
+        moe = self.spec["moe"]
+        if not moe:
+            return 0.0
+        L = self.layout
+        tokens = L.mbs * self.seq_len / (L.cp * L.tp)
+        return L.ep * tokens * moe["top_k"] / moe["experts"]
 
     def _compute(self, stage: Stage, direction: str) -> float:
         """Roofline time of the stage's operators for one micro-batch on this rank.
@@ -146,6 +178,7 @@ class CostModel:
         L = self.layout
         share = L.mbs / (L.tp * L.cp)
         seconds = 0.0
+        expert_factor = self.cal.expert_gemm_factor(self.rows_per_expert())
         for kind, sums in stage.totals.by_kind.items():
             flops = sums[f"{direction}_flops"] * share
             weights = sums[f"{direction}_weight_bytes"]
@@ -153,7 +186,9 @@ class CostModel:
             weight_shard = L.ep * L.etp if kind == "expert" else L.tp
             moved = tokens + weights * self.weight_scale / weight_shard
             if kind == "attention":
-                flop_time = flops * cal.CAUSAL_FRACTION / attention_rate
+                flop_time = flops * CAUSAL_FRACTION / attention_rate
+            elif kind == "expert":
+                flop_time = flops / (matmul_rate * expert_factor)
             else:
                 flop_time = flops / matmul_rate
             t = max(flop_time, moved / hbm)
@@ -169,6 +204,7 @@ class CostModel:
         return L.mbs * self.seq_len * self.spec["hidden"] * 2 * self.act_scale / (L.cp)
 
     def _tp(self, stage: Stage) -> float:
+        """Seconds per micro-batch of tensor-parallel collectives, fwd+bwd, unhidden."""
         if self.layout.tp == 1:
             return 0.0
         c, group, size = self.collectives, self.groups["tp"], self._activation_bytes()
@@ -181,13 +217,15 @@ class CostModel:
         return 2 * per_direction  # forward and backward
 
     def _ep(self, stage: Stage) -> float:
+        """Seconds per micro-batch of dispatch and combine all-to-alls, fwd+bwd, unhidden."""
         if self.layout.ep == 1 or not stage.moe_layers:
             return 0.0
         rows = self._activation_bytes() / self.layout.tp * self.spec["moe"]["top_k"]
         a2a = self.collectives.all_to_all(self.cluster, self.groups["ep"], rows)
-        return 4 * a2a * stage.moe_layers * self.imbalance  # dispatch+combine, fwd+bwd
+        return 4 * a2a * stage.moe_layers  # dispatch+combine, fwd+bwd
 
-    def _cp(self, stage: Stage, attention_time: float) -> float:
+    def _cp_ring(self, stage: Stage) -> float:
+        """Seconds per micro-batch of ring-attention K/V exchange (before hiding)."""
         if self.layout.cp == 1:
             return 0.0
         a = self.spec["attention"]
@@ -200,10 +238,9 @@ class CostModel:
         chunk /= self.layout.tp
         group = self.groups["cp"]
         step = self.collectives.send_recv(self.cluster, group[0], group[1], chunk)
-        ring = (self.layout.cp - 1) * step * len(stage.layers) * 3  # fwd K,V; bwd K,V,dK,dV
-        return max(0.0, ring - attention_time)
+        return (self.layout.cp - 1) * step * len(stage.layers) * 3  # fwd K,V; bwd K,V,dK,dV
 
-    def _pp(self) -> float:
+    def _pp(self, stage: Stage) -> float:
         if self.layout.pp == 1:
             return 0.0
         group = self.groups["pp"]
@@ -220,7 +257,7 @@ class CostModel:
             if attn:
                 _, attention_rate, _ = self._rates()
                 share = self.layout.mbs / (self.layout.tp * self.layout.cp)
-                recompute = attn["fwd_flops"] * share * cal.CAUSAL_FRACTION / attention_rate
+                recompute = attn["fwd_flops"] * share * CAUSAL_FRACTION / attention_rate
         attention_time = 0.0
         if "attention" in stage.totals.by_kind:
             _, attention_rate, _ = self._rates()
@@ -229,16 +266,17 @@ class CostModel:
                 3
                 * stage.totals.by_kind["attention"]["fwd_flops"]
                 * share
-                * cal.CAUSAL_FRACTION
+                * CAUSAL_FRACTION
                 / attention_rate
             )
+        ring = self._cached("cp", stage, self._cp_ring)
         parts = {
             "compute": fwd + bwd,
             "recompute": recompute,
-            "tp_comm": self._tp(stage),
-            "ep_comm": self._ep(stage),
-            "cp_comm": self._cp(stage, attention_time),
-            "pp_comm": self._pp(),
+            "tp_comm": self._cached("tp", stage, self._tp) * self.cal.tp_exposed,
+            "ep_comm": self._cached("ep", stage, self._ep) * self.cal.ep_exposed * self.imbalance,
+            "cp_comm": max(0.0, ring - attention_time),  # hidden under attention when shorter
+            "pp_comm": self._cached("pp", stage, self._pp),
         }
         comm = parts["tp_comm"] + parts["ep_comm"] + parts["cp_comm"] + parts["pp_comm"]
         # Split communication between the directions in proportion to compute.
@@ -246,10 +284,10 @@ class CostModel:
         return StageTime(fwd + comm * fwd_share, bwd + recompute + comm * (1 - fwd_share), parts)
 
     # -- data parallelism and optimizer -------------------------------------------------
-    def _dp(self, stage: Stage, last_backward: float, first_forward: float) -> tuple[float, float]:
-        """(exposed seconds of gradient and parameter collectives, optimizer seconds)."""
+    def _dp_collectives(self, stage: Stage) -> tuple[float, float]:
+        """Seconds per step of gradient reduction and of parameter gathering."""
         L, c = self.layout, self.collectives
-        dense = stage.totals.dense_params / L.tp
+        dense = stage.totals.dense_per_rank(L.tp)
         expert = stage.totals.expert_params / (L.ep * L.etp)
         grad_bytes = 2 if self.precision != "fp32" else 4  # grads reduce in bf16 (Megatron's
         weight_bytes = 2 if self.precision != "fp32" else 4  # --grad-reduce-in-bf16 default)
@@ -265,15 +303,30 @@ class CostModel:
                 gather += gathers * c.all_gather(self.cluster, group, params * weight_bytes)
         if L.zero == 3:
             reduce *= self.microbatches  # FSDP reduce-scatters every micro-batch
-            exposed = max(
-                0.0, reduce + gather - self.microbatches * (last_backward + first_forward)
-            )
+        return reduce, gather
+
+    def _dp(self, stage: Stage, last_backward: float, first_forward: float) -> tuple[float, float]:
+        """(exposed seconds of gradient and parameter collectives, optimizer seconds)."""
+        L = self.layout
+        reduce = self._cached("dp_reduce", stage, lambda s: self._dp_collectives(s)[0])
+        gather = self._cached("dp_gather", stage, lambda s: self._dp_collectives(s)[1])
+        if L.zero == 3:
+            window = self.microbatches * (last_backward + first_forward)
+            exposed = max(reduce + gather - window, 0.0)
         else:
-            exposed = max(0.0, reduce - last_backward) + max(0.0, gather - first_forward)
+            exposed = max(reduce - last_backward, 0.0) + max(gather - first_forward, 0.0)
+        exposed = max(exposed, self.cal.dp_exposed * (reduce + gather))
+        dense = stage.totals.dense_per_rank(L.tp)
+        expert = stage.totals.expert_params / (L.ep * L.etp)
         shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
         local = dense / shards + expert / expert_shards
-        optimizer = local * cal.ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * cal.HBM_EFFICIENCY)
+        optimizer = local * ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * self.cal.hbm_efficiency)
         return exposed, optimizer
+
+    @functools.cached_property
+    def stage_memories(self) -> list[StageMemory]:
+        """Memory of one rank of every stage (calibration-free, computed once)."""
+        return [self.stage_memory(s) for s in self.stages]
 
     def stage_memory(self, stage: Stage) -> StageMemory:
         top_k = (self.spec["moe"] or {}).get("top_k", 1)
@@ -308,10 +361,12 @@ class CostModel:
         breakdown["dp_comm"] = dp_exposed
         breakdown["optimizer"] = optimizer
 
-        memories = [self.stage_memory(s) for s in self.stages]
+        memories = self.stage_memories
         peak = max(memories, key=lambda mem: mem.total)
         hbm = self.gpu.hbm_bytes
-        flops_per_seq = sum(d["fwd_flops"] + d["bwd_flops"] for _, d in self.graph.nodes(data=True))
+        flops_per_seq = sum(
+            s.totals.total("fwd_flops") + s.totals.total("bwd_flops") for s in self.stages
+        )
         model_flops = flops_per_seq * self.global_batch
         gpus = L.dp * L.tp * L.cp * L.pp
         tflops = model_flops / step / gpus / 1e12

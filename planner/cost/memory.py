@@ -90,7 +90,7 @@ def stage_memory(
     `seq_len`; `act_scale` converts its bf16 activation bytes to the run's precision."""
     w_bytes, g_bytes, o_bytes = BYTES_PER_PARAM[precision]
     tp, cp = layout.tp, layout.cp
-    dense = stage.totals.dense_params / tp
+    dense = stage.totals.dense_per_rank(tp)
     expert = stage.totals.expert_params / (layout.ep * layout.etp)
     dense_shards, expert_shards = zero_shards(layout)
 

@@ -31,17 +31,24 @@ class Totals:
     """Sums over a set of operator nodes, split by how they shard."""
 
     dense_params: int = 0  # replicated over dp and cp, sharded over tp
+    replicated_params: int = 0  # dense, but whole on every tp rank (norms, router gate)
     expert_params: int = 0  # sharded over ep and etp, replicated over edp
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> SUMMED sums
 
     def add(self, node: dict) -> None:
         if node["expert"]:
             self.expert_params += node["params"]
+        elif node.get("tp_replicated"):
+            self.replicated_params += node["params"]
         else:
             self.dense_params += node["params"]
         sums = self.by_kind.setdefault(node["kind"], dict.fromkeys(SUMMED, 0))
         for key in SUMMED:
             sums[key] += node[key]
+
+    def dense_per_rank(self, tp: int) -> float:
+        """Dense parameters one tensor-parallel rank holds."""
+        return self.dense_params / tp + self.replicated_params
 
     def total(self, key: str, kinds: tuple[str, ...] | None = None) -> int:
         return sum(v[key] for k, v in self.by_kind.items() if kinds is None or k in kinds)

@@ -396,6 +396,7 @@ class HFTracer(_Tracer):
             gate, router = self.node(path + GATE), self.node(self.node_name(path))
             moved = router.param_bytes
             gate.params, gate.param_bytes = router.params, moved
+            gate.tp_replicated = True
             router.params = router.param_bytes = 0
             for field in ("bwd_bytes", "bwd_weight_bytes"):
                 setattr(gate, field, getattr(gate, field) + moved)

@@ -23,7 +23,13 @@ suffix). Per node:
   params       parameters owned by the node (counted once; a tied head owns none)
   param_bytes  params * dtype bytes
   saved_bytes  bytes the forward saves for backward, each tensor counted once
+  saved_lowp_bytes
+               the part of saved_bytes held in the trace's bf16 (activations proper), which
+               doubles in fp32 training; fp32 statistics and integer indices do not
   expert       True for routed expert parameters (sharded over ep rather than tp)
+  tp_replicated
+               True for parameters every tensor-parallel rank holds whole (norms, the
+               router gate, MLA's down-projections to the latent): Megatron-LM's layout
 
 Attention is costed as FlashAttention executes it: on `meta` torch decomposes attention
 into two batched matmuls and a materialised softmax, whose FLOPs are the right count
@@ -51,7 +57,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 from torch.utils.module_tracker import ModuleTracker
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -79,6 +85,7 @@ NODE_FIELDS = (
     "params",
     "param_bytes",
     "saved_bytes",
+    "saved_lowp_bytes",
 )
 
 # Kind of the operator formed by a module's own ops.
@@ -144,7 +151,23 @@ class _Node:
     params: int = 0
     param_bytes: int = 0
     saved_bytes: int = 0
+    saved_lowp_bytes: int = 0
     expert: bool = False
+    tp_replicated: bool = False
+
+
+# Leaf modules whose weights tensor parallelism replicates rather than splits: MLA's
+# down-projections produce a small latent every rank needs whole (tera's and HF's names);
+# learned position embeddings are a plain embedding on every rank in Megatron-LM.
+TP_REPLICATED_LEAVES = ("q_a_proj", "kv_a_proj", "kv_a_proj_with_mqa", "pos_embed")
+
+
+def tp_replicated(kind: str, path: str) -> bool:
+    """Whether the parameters of the node at `path` are whole on every tp rank."""
+    leaf = path.rpartition(".")[2]
+    return (
+        kind in ("norm", "router") or leaf in TP_REPLICATED_LEAVES or path.endswith("router.gate")
+    )
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -317,7 +340,10 @@ class _Tracer:
             key = id(base)  # views of one tensor share its memory: count it once
             if key not in self.saved_storages:
                 self.saved_storages.add(key)
-                self.node(self.current()).saved_bytes += _nbytes(t)
+                node = self.node(self.current())
+                node.saved_bytes += _nbytes(t)
+                if t.dtype == DTYPE:
+                    node.saved_lowp_bytes += _nbytes(t)
         return t
 
     def kind_of(self, module: torch.nn.Module) -> str:
@@ -338,6 +364,7 @@ class _Tracer:
         return self.model(tokens, tokens)
 
     def run(self, seq_len: int) -> None:
+        _register_extra_flop_formulas()
         tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
         keep_alive = []  # saved tensors must outlive the forward so ids stay unique
 
@@ -358,6 +385,7 @@ class _Tracer:
                 node.params += sum(p.numel() for p in own)
                 node.param_bytes += sum(_nbytes(p) for p in own)
                 node.expert = isinstance(module, Experts)
+                node.tp_replicated = tp_replicated(self.kind_of(module), path)
                 # the gradient of each weight is written once (accumulation is in place)
                 node.bwd_bytes += sum(_nbytes(p) for p in own)
                 node.bwd_weight_bytes += sum(_nbytes(p) for p in own)
@@ -371,6 +399,17 @@ class _Tracer:
             flash_attention_io(self.nodes[path], *self.attention_shapes[path])
 
 
+def _register_extra_flop_formulas() -> None:
+    """Give torch's FLOP registry the formulas of tera.planner.hf it lacks (aten._grouped_mm,
+    which tera's expert GEMMs run), once; hf.py counts those ops itself only while torch
+    has no formula, so nothing is counted twice."""
+    from tera.planner.hf import EXTRA_FLOP_FORMULAS  # hf.py builds on this module
+
+    for op, formula in EXTRA_FLOP_FORMULAS.items():
+        if op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(formula)
+
+
 def flash_attention_io(node: _Node, q, k, v, o) -> None:
     """Set an attention node's bytes to what FlashAttention moves and keeps for q, k, v
     and output of these (B, heads, S, dim) shapes."""
@@ -379,6 +418,7 @@ def flash_attention_io(node: _Node, q, k, v, o) -> None:
     node.fwd_bytes = io + lse
     node.bwd_bytes = 2 * io + lse  # read q, k, v, o, do; write dq, dk, dv
     node.saved_bytes = io + lse
+    node.saved_lowp_bytes = io
 
 
 def _numel(shape) -> int:

@@ -9,7 +9,8 @@ ZeRO shards over the data-parallel group of the parameter: stage 1 the optimizer
 stage 2 also the gradients, stage 3 also the weights. Dense parameters shard over dp*cp
 (Megatron's distributed optimizer group), expert parameters over edp*dp_replicate.
 
-Activations: the bytes the traced forward saves for backward, scaled to the micro-batch
+Activations: the bytes the traced forward saves for backward (its bf16 part doubled in
+fp32 training; fp32 statistics and indices keep their size), scaled to the micro-batch
 and divided by tp*cp (with sequence parallelism every saved tensor is split over tp, and
 context parallelism splits the sequence), times the micro-batches a stage holds at once.
 Recompute modes: none keeps everything; selective recomputes attention cores (their
@@ -104,20 +105,29 @@ def stage_memory(
     optimizer = o_bytes * sharded(dense, expert, 1)
 
     shard = layout.mbs / (tp * cp)  # trace bytes -> this rank's share of a micro-batch
+
+    def scaled(saved: float, lowp: float) -> float:
+        """Trace bytes at the run's precision: only bf16 activations change size."""
+        return (saved + (act_scale - 1) * lowp) * shard
+
     layer_input = layout.mbs * seq_len * hidden * 2 * act_scale / (tp * cp)
-    saved = sum(stage.per_layer_saved) * shard * act_scale
+    per_layer = [
+        scaled(s, lp)
+        for s, lp in zip(stage.per_layer_saved, stage.per_layer_saved_lowp, strict=True)
+    ]
+    saved = sum(per_layer)
     if layout.recompute == "full":
-        kept = (
-            len(stage.layers) * layer_input
-            + max(stage.per_layer_saved, default=0) * shard * act_scale
-        )
+        kept = len(stage.layers) * layer_input + max(per_layer, default=0)
     elif layout.recompute == "selective":
-        attention = stage.totals.by_kind.get("attention", {}).get("saved_bytes", 0)
-        kept = saved - attention * shard * act_scale
+        attention = stage.totals.by_kind.get("attention", {})
+        kept = saved - scaled(attention.get("saved_bytes", 0), attention.get("saved_lowp_bytes", 0))
     else:
         kept = saved
     # embedding and head activations live outside the blocks
-    outside = (stage.totals.total("saved_bytes") - sum(stage.per_layer_saved)) * shard * act_scale
+    outside = scaled(
+        stage.totals.total("saved_bytes") - sum(stage.per_layer_saved),
+        stage.totals.total("saved_lowp_bytes") - sum(stage.per_layer_saved_lowp),
+    )
     chunks = in_flight_chunks(stage.index, layout.pp, layout.vpp, microbatches)
     per_chunk = (kept + outside) / max(1, len(stage.chunks))
     activations = chunks * per_chunk

@@ -3,7 +3,8 @@
 Layers are cut into pp*vpp contiguous chunks as evenly as possible (the first chunks take
 the remainder); chunk c runs on stage c % pp, so with vpp > 1 each stage holds vpp
 non-adjacent chunks (Megatron's interleaved schedule). The embedding (layer -1) joins the
-first chunk, the head and loss (layer L) the last.
+first chunk, the head and loss (layer L) the last; with tied embeddings and pp > 1 the
+last stage also holds a copy of the embedding matrix, as Megatron-LM does.
 
 All figures are for ONE sequence of the traced length on the whole (unsharded) model; the
 cost model divides by the sharding of the layout.
@@ -23,6 +24,7 @@ SUMMED = (
     "fwd_weight_bytes",
     "bwd_weight_bytes",
     "saved_bytes",
+    "saved_lowp_bytes",
 )
 
 
@@ -61,6 +63,7 @@ class Stage:
     chunks: list[tuple[int, int]]  # (first, last) block of each virtual chunk
     totals: Totals
     per_layer_saved: list[int]  # saved bytes of each block, same order as `layers`
+    per_layer_saved_lowp: list[int]  # the bf16 part of those (scales with precision)
     moe_layers: int
     dense_layers: int
     has_embedding: bool
@@ -95,6 +98,7 @@ def split_stages(graph: nx.DiGraph, pp: int, vpp: int) -> list[Stage]:
             [b for c, b in enumerate(bounds) if c % pp == s],
             Totals(),
             [],
+            [],
             0,
             0,
             s == stage_of_layer[-1],
@@ -103,17 +107,25 @@ def split_stages(graph: nx.DiGraph, pp: int, vpp: int) -> list[Stage]:
         for s in range(pp)
     ]
     saved_by_layer: dict[int, int] = {}
+    lowp_by_layer: dict[int, int] = {}
     moe_layers = set()
     for _, node in graph.nodes(data=True):
         layer = node["layer"]
         stages[stage_of_layer[layer]].totals.add(node)
         if 0 <= layer < L:
             saved_by_layer[layer] = saved_by_layer.get(layer, 0) + node["saved_bytes"]
+            lowp_by_layer[layer] = lowp_by_layer.get(layer, 0) + node["saved_lowp_bytes"]
             if node["expert"]:
                 moe_layers.add(layer)
     for stage in stages:
         stage.layers = [x for first, last in stage.chunks for x in range(first, last + 1)]
         stage.per_layer_saved = [saved_by_layer.get(x, 0) for x in stage.layers]
+        stage.per_layer_saved_lowp = [lowp_by_layer.get(x, 0) for x in stage.layers]
         stage.moe_layers = sum(1 for x in stage.layers if x in moe_layers)
         stage.dense_layers = len(stage.layers) - stage.moe_layers
+    last = stage_of_layer[L]
+    if spec["tie_embeddings"] and last != stage_of_layer[-1]:
+        # Megatron-LM keeps its own copy of a tied output matrix on the last stage (the
+        # trace gives a tied head no parameters: the embedding owns the matrix).
+        stages[last].totals.dense_params += spec["vocab"] * spec["hidden"]
     return stages

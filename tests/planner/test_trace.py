@@ -116,3 +116,16 @@ def test_learned_positions_refuse_longer_sequences():
     with pytest.raises(SpecError) as err:
         trace(load_spec("gpt3-175b"), 4096)
     assert err.value.field == "seq_len"
+
+
+def test_tp_replicated_marks_norms_router_and_mla_down_projections():
+    g = trace(load_spec("deepseek-v3"), 256)
+    node = g.nodes
+    layer = 3  # the first MoE layer
+    assert node[f"layers.{layer}.attn_norm"]["tp_replicated"]
+    assert node[f"layers.{layer}.ffn.router.gate"]["tp_replicated"]
+    assert node[f"layers.{layer}.attn.q_a_proj"]["tp_replicated"]
+    assert node[f"layers.{layer}.attn.kv_a_proj"]["tp_replicated"]
+    assert not node[f"layers.{layer}.attn.q_b_proj"]["tp_replicated"]
+    assert not node[f"layers.{layer}.attn.o_proj"]["tp_replicated"]
+    assert not node[f"layers.{layer}.ffn.experts"]["tp_replicated"]

@@ -110,13 +110,17 @@ class CoreAttention(nn.Module):
             r = self.rope_dim
             q_BHSd = torch.cat((q_BHSd[..., :-r], apply_rope(q_BHSd[..., -r:], cos, sin)), -1)
             k_BGSd = torch.cat((k_BGSd[..., :-r], apply_rope(k_BGSd[..., -r:], cos, sin)), -1)
-        groups = q_BHSd.shape[1] // k_BGSd.shape[1]
-        if groups > 1:  # GQA: each KV head serves `groups` query heads
-            k_BGSd = k_BGSd.repeat_interleave(groups, dim=1)
-            v_BGSe = v_BGSe.repeat_interleave(groups, dim=1)
         mask = self._mask(S, q_BHSd.device, q_BHSd.dtype)
+        # GQA: each KV head serves heads/kv_heads query heads; enable_gqa keeps k and v at
+        # their own head count instead of materialising (and saving) repeated copies.
         return F.scaled_dot_product_attention(
-            q_BHSd, k_BGSd, v_BGSe, attn_mask=mask, is_causal=mask is None, scale=self.scale
+            q_BHSd,
+            k_BGSd,
+            v_BGSe,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=q_BHSd.shape[1] != k_BGSd.shape[1],
         )
 
     def _mask(self, S: int, device, dtype) -> torch.Tensor | None:

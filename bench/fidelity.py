@@ -160,8 +160,11 @@ def _from_calibration(cal: Calibration, keys: list[str]) -> np.ndarray:
     return np.array(out)
 
 
-def fit(points: list[Point], start: Calibration, max_evals: int = 1500) -> Calibration:
-    """Minimise the mean absolute log error of tokens/s over `points` (Nelder-Mead)."""
+def fit(
+    points: list[Point], start: Calibration, max_evals: int = 1500, restarts: int = 2
+) -> Calibration:
+    """Minimise the mean absolute log error of tokens/s over `points` (Nelder-Mead, restarted
+    from its own result, which escapes the simplex collapses a single run ends in)."""
     keys = fitted_keys(points)
     groups = tuple(sorted({p.case.group for p in points}))
     logs = np.log([p.measured for p in points])
@@ -171,9 +174,10 @@ def fit(points: list[Point], start: Calibration, max_evals: int = 1500) -> Calib
         pred = np.log([predict(p, cal) for p in points])
         return float(np.mean(np.abs(pred - logs)))
 
-    x0 = _from_calibration(start, keys)
-    result = minimize(objective, x0, method="Nelder-Mead", options={"maxfev": max_evals})
-    return _to_calibration(result.x, keys, groups)
+    x = _from_calibration(start, keys)
+    for _ in range(restarts + 1):  # a restart rebuilds the simplex around the best point
+        x = minimize(objective, x, method="Nelder-Mead", options={"maxfev": max_evals}).x
+    return _to_calibration(x, keys, groups)
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -289,7 +293,7 @@ def logo_section(verified: list[Point], cal: Calibration) -> list[str]:
     for fam in sorted({p.family for p in verified}):
         train = [p for p in verified if p.family != fam]
         test = [p for p in verified if p.family == fam]
-        held = fit(train, cal, max_evals=300)
+        held = fit(train, cal, max_evals=300, restarts=0)
         errs = [predict(p, held) / p.measured - 1 for p in test]
         all_errors += errs
         lines.append(summary_row(fam, errs))

@@ -50,9 +50,9 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry
 
 from tera.models.spec import AttentionSpec, FFNSpec, ModelSpec, MoESpec, SpecError
+from tera.planner.fields import NODE_FIELDS
 from tera.planner.trace import (
     DTYPE,
-    NODE_FIELDS,
     _Node,
     _renumber_segments,
     _replicate,

@@ -73,20 +73,9 @@ from tera.models.transformer import (
     RMSNorm,
     Transformer,
 )
+from tera.planner.fields import NODE_FIELDS
 
 DTYPE = torch.bfloat16
-NODE_FIELDS = (
-    "fwd_flops",
-    "bwd_flops",
-    "fwd_bytes",
-    "bwd_bytes",
-    "fwd_weight_bytes",
-    "bwd_weight_bytes",
-    "params",
-    "param_bytes",
-    "saved_bytes",
-    "saved_lowp_bytes",
-)
 
 # Kind of the operator formed by a module's own ops.
 KIND_OF_MODULE = {

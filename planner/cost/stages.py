@@ -16,16 +16,10 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-SUMMED = (
-    "fwd_flops",
-    "bwd_flops",
-    "fwd_bytes",
-    "bwd_bytes",
-    "fwd_weight_bytes",
-    "bwd_weight_bytes",
-    "saved_bytes",
-    "saved_lowp_bytes",
-)
+from tera.planner.fields import NODE_FIELDS
+
+# Summed per kind; parameters are summed apart, split by how they shard.
+SUMMED = tuple(f for f in NODE_FIELDS if f not in ("params", "param_bytes"))
 
 
 @dataclass

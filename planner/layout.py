@@ -4,8 +4,17 @@ Layout string (DESIGN.md):
   tp=2,pp=8,vpp=4,ep=64,etp=1,cp=1,zero=1,mbs=1,recompute=selective,schedule=interleaved
 dp is derived as gpus / (tp*cp*pp) and may be given to check; dp_replicate (HSDP: the
 number of replicas over which sharded data parallelism is itself replicated) defaults to 1.
-Unknown keys are errors. `Layout.resolve` checks the layout against a model, a world size
-and a batch, and returns the resolved layout with every key set.
+Unknown keys are errors.
+
+Two keys take colon-separated lists, one entry per pipeline piece:
+  partition=3:5:5:4   blocks in each of the pp*vpp virtual chunks, in chunk order (chunk c
+                      runs on stage c % pp); absent: as even as possible, the first chunks
+                      taking the remainder
+  recompute=full:selective:none:none
+                      the recompute mode of each of the pp stages; one mode applies to all
+
+`Layout.resolve` checks the layout against a model, a world size and a batch, and returns
+the resolved layout with every key set.
 """
 
 from __future__ import annotations
@@ -19,6 +28,12 @@ from tera.planner.ranks import MeshShape
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved")
 INT_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp", "dp_replicate", "zero", "mbs")
+
+
+def even_partition(layers: int, chunks: int) -> tuple[int, ...]:
+    """Blocks per chunk, as even as possible; the first chunks take the remainder."""
+    base, extra = divmod(layers, chunks)
+    return tuple(base + (1 if c < extra else 0) for c in range(chunks))
 
 
 class LayoutError(ValueError):
@@ -41,8 +56,9 @@ class Layout:
     dp_replicate: int = 1
     zero: int = 1
     mbs: int = 1
-    recompute: str = "none"
+    recompute: str = "none"  # one mode, or one per stage joined by ":"
     schedule: str = "1f1b"
+    partition: tuple[int, ...] | None = None  # blocks per virtual chunk; None: even
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -62,6 +78,13 @@ class Layout:
                 if not raw.isdigit() or int(raw) < (0 if key == "zero" else 1):
                     raise LayoutError(key, f"expected a positive integer, got {raw!r}", "fix it")
                 values[key] = int(raw)
+            elif key == "partition":
+                sizes = raw.split(":")
+                if not all(size.isdigit() and int(size) >= 1 for size in sizes):
+                    raise LayoutError(
+                        key, f"expected blocks per chunk like 3:5:5:4, got {raw!r}", "fix it"
+                    )
+                values[key] = tuple(int(size) for size in sizes)
             else:
                 values[key] = raw.lower()
         layout = cls(**values)
@@ -69,9 +92,23 @@ class Layout:
         return layout
 
     def _check_values(self) -> None:
-        if self.recompute not in RECOMPUTE_MODES:
+        modes = self.recompute.split(":")
+        for mode in modes:
+            if mode not in RECOMPUTE_MODES:
+                raise LayoutError(
+                    "recompute", f"unknown mode {mode!r}", f"use {'|'.join(RECOMPUTE_MODES)}"
+                )
+        if len(modes) > 1 and len(modes) != self.pp:
             raise LayoutError(
-                "recompute", f"unknown mode {self.recompute!r}", f"use {'|'.join(RECOMPUTE_MODES)}"
+                "recompute",
+                f"{len(modes)} per-stage modes for pp={self.pp}",
+                "give one mode, or one per stage",
+            )
+        if self.partition is not None and len(self.partition) != self.pp * self.vpp:
+            raise LayoutError(
+                "partition",
+                f"{len(self.partition)} chunks for pp*vpp = {self.pp * self.vpp}",
+                "give the blocks of each of the pp*vpp chunks",
             )
         if self.schedule not in SCHEDULES:
             raise LayoutError(
@@ -118,6 +155,12 @@ class Layout:
             raise LayoutError(
                 "pp", f"pp*vpp = {chunks} exceeds {spec.layers} layers", "use fewer stages"
             )
+        if self.partition is not None and sum(self.partition) != spec.layers:
+            raise LayoutError(
+                "partition",
+                f"chunks hold {sum(self.partition)} blocks, the model has {spec.layers}",
+                "make the chunk sizes add up to the layer count",
+            )
         if self.ep > 1 or self.etp > 1:
             if spec.moe is None:
                 raise LayoutError("ep", f"{spec.name} has no experts", "use ep=1 etp=1")
@@ -160,7 +203,17 @@ class Layout:
                 f"interleaved needs micro-batches ({microbatches}) divisible by pp",
                 "change the batch or use schedule=1f1b",
             )
-        return dataclasses.replace(self, dp=dp)
+        return dataclasses.replace(self, dp=dp, partition=self.chunk_sizes(spec.layers))
+
+    def chunk_sizes(self, layers: int) -> tuple[int, ...]:
+        """Blocks in each of the pp*vpp virtual chunks, in chunk order."""
+        return self.partition or even_partition(layers, self.pp * self.vpp)
+
+    @property
+    def stage_recompute(self) -> tuple[str, ...]:
+        """The recompute mode of each pipeline stage."""
+        modes = tuple(self.recompute.split(":"))
+        return modes if len(modes) == self.pp else modes * self.pp
 
     @property
     def dp_shard(self) -> int:
@@ -180,7 +233,27 @@ class Layout:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.partition is not None:
+            values["partition"] = list(self.partition)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Layout:
+        """Inverse of `to_dict` (a resolved layout's dict gives the same layout)."""
+        values = dict(values)
+        if values.get("partition") is not None:
+            values["partition"] = tuple(values["partition"])
+        layout = cls(**values)
+        layout._check_values()
+        return layout
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.to_dict().items() if v is not None)
+        def text(value) -> str:
+            return ":".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+        return ",".join(
+            f"{f.name}={text(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        )

@@ -253,7 +253,7 @@ def measure_rank(spec: ModelSpec, layout: Layout, stage: int, seq_len: int) -> M
     if not 0 <= stage < layout.pp:
         raise ValueError(f"stage {stage} outside the {layout.pp} pipeline stages")
     local = rank_spec(spec, layout)
-    bounds = chunk_bounds(spec.layers, layout.pp * layout.vpp)
+    bounds = chunk_bounds(layout.chunk_sizes(spec.layers))
     layers = [
         i for c, (a, b) in enumerate(bounds) if c % layout.pp == stage for i in range(a, b + 1)
     ]

@@ -99,6 +99,19 @@ class MeshShape:
         return sorted(sorted(g) for g in moved.reshape(-1, size).tolist())
 
 
+    def first_group(self, axis: str) -> list[int]:
+        """The group of `axis` holding rank 0 (groups of one axis all have its shape)."""
+        mesh, members = MERGED_AXES.get(axis, (None, (axis,)))
+        if mesh is None:
+            mesh = "dense" if axis in DENSE_AXES else "expert"
+            if axis not in DENSE_AXES + EXPERT_AXES:
+                raise KeyError(f"unknown axis {axis!r}")
+        axes = DENSE_AXES if mesh == "dense" else EXPERT_AXES
+        order = list(reversed(axes))
+        index = tuple(slice(None) if a in members else 0 for a in order)
+        return sorted(self._grids[mesh][index].reshape(-1).tolist())
+
+
 ALL_AXES = ("tp", "cp", "dp_shard", "dp_replicate", "pp", "etp", "ep", "edp", *MERGED_AXES)
 
 

@@ -1,9 +1,13 @@
 """Step time, throughput, MFU and memory of a layout: the first-version cost model.
 
-Per pipeline stage and micro-batch the model sums, forward and backward separately:
-  compute  every operator node at max(FLOPs / matmul or attention rate, bytes / HBM rate),
-           scaled to this rank's share (with sequence parallelism all work divides by tp,
-           context parallelism divides the sequence by cp; balanced routing gives every
+Everything is costed per segment (an embedding, a dense block, an MoE block, a head:
+stages.py) and summed over the segments of each stage, so a stage's time and memory are
+linear in how many blocks of each kind it holds. Per segment and micro-batch the model
+sums, forward and backward separately:
+  compute  every operator kind of the segment at max(FLOPs / matmul or attention rate,
+           bytes / HBM rate), scaled to this rank's share (with sequence parallelism all
+           work divides by tp, context parallelism divides the sequence by cp; balanced
+           routing gives every
            rank of the expert mesh the same share of expert rows, times the imbalance)
   tp       per block 1 all-gather + 1 reduce-scatter of the block input around attention
            and around the dense FFN (or shared experts); none around routed experts with
@@ -14,14 +18,19 @@ Per pipeline stage and micro-batch the model sums, forward and backward separate
   cp       per block cp-1 ring steps exchanging K and V, hidden under attention compute
            when shorter (ring attention)
   pp       one send/recv of the stage's output activations per micro-batch and direction
+Communication splits between the directions as it runs: tp, ep and pp half forward, half
+backward; the cp ring one third forward (K, V) and two thirds backward (K, V, dK, dV).
+Recompute (per stage) adds to the backward: full re-runs each block's forward compute,
+selective its attention cores.
 The pipeline runs m micro-batches: step = m * T_max + (sum_s T_s - T_max) / vpp, with T_s
 a stage's forward+backward time per micro-batch (1F1B for vpp=1, Megatron's interleaved
 schedule otherwise; uniform stages give the textbook bubble (pp-1)/vpp * T).
-Data parallelism reduces gradients once per step (all-reduce for zero=0, reduce-scatter
-then a parameter all-gather for zero>=1, per micro-batch gathers for zero=3), overlapped
-with the last micro-batch's backward (and the next step's first forward for the gather);
-what does not fit under it is exposed, and at least the calibrated fraction dp_exposed of
-it always is. The optimizer step streams the local shard.
+Data parallelism reduces gradients once per step in one bucket per segment (all-reduce
+for zero=0, reduce-scatter then a parameter all-gather for zero>=1, per micro-batch
+gathers for zero=3), overlapped with the last micro-batch's backward (and the next
+step's first forward for the gather); what does not fit under it is exposed, and at
+least the calibrated fraction dp_exposed of it always is. The optimizer step streams the
+local shard.
 
 Rates and overlap fractions come from a Calibration (calibration.py); collective times do
 not depend on it and are computed once per CostModel, so `recalibrated` is cheap.
@@ -34,16 +43,36 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
-from tera.planner.cost.memory import StageMemory, stage_memory, zero_shards
-from tera.planner.cost.stages import Stage, split_stages
+from tera.planner.cost.memory import MemoryModel, StageMemory, zero_shards
+from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage, segments, split_stages
 from tera.planner.layout import Layout
 
 GiB = 2**30
 MATMUL_KINDS = ("matmul", "expert")
 PRECISIONS = ("bf16", "fp8", "fp32")
+
+
+@dataclass(frozen=True)
+class SegmentTime:
+    """One segment's seconds per micro-batch on one rank."""
+
+    forward: float  # compute and the forward share of its communication
+    backward: float  # compute and the backward share, without recompute
+    recompute: dict[str, float]  # recompute mode -> seconds added to the backward
+    parts: dict[str, float]  # compute, tp_comm, ep_comm, cp_comm (forward + backward)
+
+
+@dataclass(frozen=True)
+class SegmentDP:
+    """One segment's data-parallel seconds per step and optimizer-state parameters."""
+
+    reduce: float  # gradient reduction (all micro-batches for zero=3)
+    gather: float  # parameter gathering
+    local_params: float  # parameters whose Adam state this rank updates
 
 
 @dataclass
@@ -131,26 +160,30 @@ class CostModel:
         self.precision = precision
         self.imbalance = imbalance
         self.microbatches = global_batch // (layout.dp * layout.mbs)
+        mesh = layout.mesh
         self.groups = {
-            axis: layout.mesh.groups(axis)[0]
+            axis: mesh.first_group(axis)
             for axis in ("tp", "cp", "pp", "ep", "dp_cp", "edp_full", "dp_shard")
         }
         # the trace is bf16; fp32 training moves twice the bytes
         self.act_scale = self.weight_scale = 2.0 if precision == "fp32" else 1.0
-        self.stages = split_stages(graph, layout.pp, layout.vpp)
+        self.segs: Segments = graph_segments(graph)
+        self.stages = split_stages(self.segs, layout)
         self.cal = calibration if calibration is not None else Calibration.load()
-        self._comm: dict[tuple[str, int], float] = {}  # calibration-free collective seconds
+        self._comm: dict[str, float] = {}  # calibration-free collective seconds
 
     def recalibrated(self, calibration: Calibration) -> CostModel:
         """The same problem under other constants; shares the collective-time cache."""
         other = copy.copy(self)
         other.cal = calibration
+        other.__dict__.pop("segment_times", None)
+        other.__dict__.pop("segment_dp", None)
         return other
 
-    def _cached(self, key: str, stage: Stage, compute) -> float:
-        if (key, stage.index) not in self._comm:
-            self._comm[key, stage.index] = compute(stage)
-        return self._comm[key, stage.index]
+    def _cached(self, key: str, compute) -> float:
+        if key not in self._comm:
+            self._comm[key] = compute()
+        return self._comm[key]
 
     # -- compute -----------------------------------------------------------------------
     def _rates(self) -> tuple[float, float, float]:
@@ -171,15 +204,15 @@ class CostModel:
         tokens = L.mbs * self.seq_len / (L.cp * L.tp)
         return L.ep * tokens * moe["top_k"] / moe["experts"]
 
-    def _compute(self, stage: Stage, direction: str) -> float:
-        """Roofline time of the stage's operators for one micro-batch on this rank.
+    def _compute(self, kind_sums: dict[str, dict[str, int]], direction: str) -> float:
+        """Roofline time of a segment's operators for one micro-batch on this rank.
         Token work divides by tp*cp; weight traffic by tp, or by ep*etp for experts."""
         matmul_rate, attention_rate, hbm = self._rates()
         L = self.layout
         share = L.mbs / (L.tp * L.cp)
         seconds = 0.0
         expert_factor = self.cal.expert_gemm_factor(self.rows_per_expert())
-        for kind, sums in stage.totals.by_kind.items():
+        for kind, sums in kind_sums.items():
             flops = sums[f"{direction}_flops"] * share
             weights = sums[f"{direction}_weight_bytes"]
             tokens = (sums[f"{direction}_bytes"] - weights) * share * self.act_scale
@@ -197,35 +230,36 @@ class CostModel:
             seconds += t
         return seconds
 
+    def _attention_forward(self, kind_sums: dict[str, dict[str, int]]) -> float:
+        attention = kind_sums.get("attention")
+        if not attention:
+            return 0.0
+        _, attention_rate, _ = self._rates()
+        share = self.layout.mbs / (self.layout.tp * self.layout.cp)
+        return attention["fwd_flops"] * share * CAUSAL_FRACTION / attention_rate
+
     # -- communication on the critical path ----------------------------------------------
     def _activation_bytes(self) -> float:
         """One block input on this rank before sequence-parallel gathering."""
         L = self.layout
         return L.mbs * self.seq_len * self.spec["hidden"] * 2 * self.act_scale / (L.cp)
 
-    def _tp(self, stage: Stage) -> float:
-        """Seconds per micro-batch of tensor-parallel collectives, fwd+bwd, unhidden."""
+    def _tp_pair(self) -> float:
+        """Seconds of one all-gather plus one reduce-scatter of a block input over tp."""
         if self.layout.tp == 1:
             return 0.0
         c, group, size = self.collectives, self.groups["tp"], self._activation_bytes()
-        pair = c.all_gather(self.cluster, group, size) + c.reduce_scatter(self.cluster, group, size)
-        moe = self.spec["moe"]
-        ffn_comm_moe = bool(moe and (moe["shared_experts"] or self.layout.etp > 1))
-        per_direction = pair * (
-            len(stage.layers) + stage.dense_layers + (stage.moe_layers if ffn_comm_moe else 0)
-        )
-        return 2 * per_direction  # forward and backward
+        return c.all_gather(self.cluster, group, size) + c.reduce_scatter(self.cluster, group, size)
 
-    def _ep(self, stage: Stage) -> float:
-        """Seconds per micro-batch of dispatch and combine all-to-alls, fwd+bwd, unhidden."""
-        if self.layout.ep == 1 or not stage.moe_layers:
+    def _a2a(self) -> float:
+        """Seconds of one dispatch (or combine) all-to-all of a micro-batch's routed rows."""
+        if self.layout.ep == 1:
             return 0.0
         rows = self._activation_bytes() / self.layout.tp * self.spec["moe"]["top_k"]
-        a2a = self.collectives.all_to_all(self.cluster, self.groups["ep"], rows)
-        return 4 * a2a * stage.moe_layers  # dispatch+combine, fwd+bwd
+        return self.collectives.all_to_all(self.cluster, self.groups["ep"], rows)
 
-    def _cp_ring(self, stage: Stage) -> float:
-        """Seconds per micro-batch of ring-attention K/V exchange (before hiding)."""
+    def _cp_ring(self) -> float:
+        """Seconds per micro-batch and block of ring-attention K/V exchange, fwd+bwd."""
         if self.layout.cp == 1:
             return 0.0
         a = self.spec["attention"]
@@ -238,57 +272,82 @@ class CostModel:
         chunk /= self.layout.tp
         group = self.groups["cp"]
         step = self.collectives.send_recv(self.cluster, group[0], group[1], chunk)
-        return (self.layout.cp - 1) * step * len(stage.layers) * 3  # fwd K,V; bwd K,V,dK,dV
+        return (self.layout.cp - 1) * step * 3  # fwd K,V; bwd K,V,dK,dV
 
-    def _pp(self, stage: Stage) -> float:
+    def pp_time(self) -> float:
+        """Seconds per micro-batch of a stage's pipeline send/recv, fwd+bwd."""
         if self.layout.pp == 1:
             return 0.0
-        group = self.groups["pp"]
-        size = self._activation_bytes() / self.layout.tp
-        return 2 * self.collectives.send_recv(self.cluster, group[0], group[1], size)
+
+        def send() -> float:
+            group = self.groups["pp"]
+            size = self._activation_bytes() / self.layout.tp
+            return 2 * self.collectives.send_recv(self.cluster, group[0], group[1], size)
+
+        return self._cached("pp", send)
+
+    @functools.cached_property
+    def segment_times(self) -> dict[str, SegmentTime]:
+        """Seconds per micro-batch of every segment kind on one rank."""
+        return {kind: self._segment_time(kind) for kind in self.segs.totals}
+
+    def _segment_time(self, kind: str) -> SegmentTime:
+        sums = self.segs.totals[kind].by_kind
+        fwd, bwd = self._compute(sums, "fwd"), self._compute(sums, "bwd")
+        zero = dict.fromkeys(("none", "selective", "full"), 0.0)
+        if kind not in BLOCK_KINDS:
+            parts = {"compute": fwd + bwd, "tp_comm": 0.0, "ep_comm": 0.0, "cp_comm": 0.0}
+            return SegmentTime(fwd, bwd, zero, parts)
+        moe = self.spec["moe"]
+        ffn_comm = kind == "dense" or bool(moe and (moe["shared_experts"] or self.layout.etp > 1))
+        tp = 2 * (1 + ffn_comm) * self._cached("tp_pair", self._tp_pair) * self.cal.tp_exposed
+        ep = 0.0
+        if kind == "moe":
+            ep = 4 * self._cached("a2a", self._a2a) * self.cal.ep_exposed * self.imbalance
+        attention_forward = self._attention_forward(sums)
+        ring = self._cached("cp_ring", self._cp_ring)
+        cp = max(0.0, ring - 3 * attention_forward)  # hidden under attention when shorter
+        parts = {"compute": fwd + bwd, "tp_comm": tp, "ep_comm": ep, "cp_comm": cp}
+        recompute = {"none": 0.0, "selective": attention_forward, "full": fwd}
+        forward = fwd + (tp + ep) / 2 + cp / 3
+        backward = bwd + (tp + ep) / 2 + cp * 2 / 3
+        return SegmentTime(forward, backward, recompute, parts)
 
     def stage_time(self, stage: Stage) -> StageTime:
-        fwd, bwd = self._compute(stage, "fwd"), self._compute(stage, "bwd")
-        recompute = 0.0
-        if self.layout.recompute == "full":
-            recompute = fwd
-        elif self.layout.recompute == "selective":
-            attn = stage.totals.by_kind.get("attention")
-            if attn:
-                _, attention_rate, _ = self._rates()
-                share = self.layout.mbs / (self.layout.tp * self.layout.cp)
-                recompute = attn["fwd_flops"] * share * CAUSAL_FRACTION / attention_rate
-        attention_time = 0.0
-        if "attention" in stage.totals.by_kind:
-            _, attention_rate, _ = self._rates()
-            share = self.layout.mbs / (self.layout.tp * self.layout.cp)
-            attention_time = (
-                3
-                * stage.totals.by_kind["attention"]["fwd_flops"]
-                * share
-                * CAUSAL_FRACTION
-                / attention_rate
-            )
-        ring = self._cached("cp", stage, self._cp_ring)
-        parts = {
-            "compute": fwd + bwd,
-            "recompute": recompute,
-            "tp_comm": self._cached("tp", stage, self._tp) * self.cal.tp_exposed,
-            "ep_comm": self._cached("ep", stage, self._ep) * self.cal.ep_exposed * self.imbalance,
-            "cp_comm": max(0.0, ring - attention_time),  # hidden under attention when shorter
-            "pp_comm": self._cached("pp", stage, self._pp),
-        }
-        comm = parts["tp_comm"] + parts["ep_comm"] + parts["cp_comm"] + parts["pp_comm"]
-        # Split communication between the directions in proportion to compute.
-        fwd_share = fwd / (fwd + bwd) if fwd + bwd else 0.5
-        return StageTime(fwd + comm * fwd_share, bwd + recompute + comm * (1 - fwd_share), parts)
+        pp = self.pp_time()
+        forward, backward = pp / 2, pp / 2
+        parts = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_comm"), 0.0)
+        parts["pp_comm"] = pp
+        for kind, n in stage.counts.items():
+            seg = self.segment_times[kind]
+            forward += n * seg.forward
+            backward += n * (seg.backward + seg.recompute[stage.recompute])
+            parts["recompute"] += n * seg.recompute[stage.recompute]
+            for name, value in seg.parts.items():
+                parts[name] += n * value
+        return StageTime(forward, backward, parts)
 
     # -- data parallelism and optimizer -------------------------------------------------
-    def _dp_collectives(self, stage: Stage) -> tuple[float, float]:
-        """Seconds per step of gradient reduction and of parameter gathering."""
+    @functools.cached_property
+    def segment_dp(self) -> dict[str, SegmentDP]:
+        return {kind: self._segment_dp(kind) for kind in self.segs.totals}
+
+    def _segment_dp(self, kind: str) -> SegmentDP:
+        L = self.layout
+        totals = self.segs.totals[kind]
+        dense = totals.dense_per_rank(L.tp)
+        expert = totals.expert_params / (L.ep * L.etp)
+        reduce = self._cached(f"dp_reduce/{kind}", lambda: self._dp_collectives(kind)[0])
+        gather = self._cached(f"dp_gather/{kind}", lambda: self._dp_collectives(kind)[1])
+        shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
+        return SegmentDP(reduce, gather, dense / shards + expert / expert_shards)
+
+    def _dp_collectives(self, kind: str) -> tuple[float, float]:
+        """Seconds per step of one segment's gradient reduction and parameter gathering."""
         L, c = self.layout, self.collectives
-        dense = stage.totals.dense_per_rank(L.tp)
-        expert = stage.totals.expert_params / (L.ep * L.etp)
+        totals = self.segs.totals[kind]
+        dense = totals.dense_per_rank(L.tp)
+        expert = totals.expert_params / (L.ep * L.etp)
         grad_bytes = 2 if self.precision != "fp32" else 4  # grads reduce in bf16 (Megatron's
         weight_bytes = 2 if self.precision != "fp32" else 4  # --grad-reduce-in-bf16 default)
         reduce = gather = 0.0
@@ -305,33 +364,35 @@ class CostModel:
             reduce *= self.microbatches  # FSDP reduce-scatters every micro-batch
         return reduce, gather
 
-    def _dp(self, stage: Stage, last_backward: float, first_forward: float) -> tuple[float, float]:
-        """(exposed seconds of gradient and parameter collectives, optimizer seconds)."""
-        L = self.layout
-        reduce = self._cached("dp_reduce", stage, lambda s: self._dp_collectives(s)[0])
-        gather = self._cached("dp_gather", stage, lambda s: self._dp_collectives(s)[1])
-        if L.zero == 3:
-            window = self.microbatches * (last_backward + first_forward)
+    def dp_exposed(self, reduce: float, gather: float, forward: float, backward: float) -> float:
+        """Exposed seconds of a stage's data-parallel collectives, given the stage's
+        forward and backward seconds per micro-batch that can hide them."""
+        if self.layout.zero == 3:
+            window = self.microbatches * (backward + forward)
             exposed = max(reduce + gather - window, 0.0)
         else:
-            exposed = max(reduce - last_backward, 0.0) + max(gather - first_forward, 0.0)
-        exposed = max(exposed, self.cal.dp_exposed * (reduce + gather))
-        dense = stage.totals.dense_per_rank(L.tp)
-        expert = stage.totals.expert_params / (L.ep * L.etp)
-        shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
-        local = dense / shards + expert / expert_shards
-        optimizer = local * ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * self.cal.hbm_efficiency)
-        return exposed, optimizer
+            exposed = max(reduce - backward, 0.0) + max(gather - forward, 0.0)
+        return max(exposed, self.cal.dp_exposed * (reduce + gather))
+
+    def optimizer_seconds(self, local_params: float) -> float:
+        return local_params * ADAM_BYTES_PER_PARAM / (self.gpu.hbm_bw * self.cal.hbm_efficiency)
+
+    def _dp(self, stage: Stage, time: StageTime) -> tuple[float, float]:
+        """(exposed seconds of gradient and parameter collectives, optimizer seconds)."""
+        reduce = gather = local = 0.0
+        for kind, n in stage.counts.items():
+            seg = self.segment_dp[kind]
+            reduce += n * seg.reduce
+            gather += n * seg.gather
+            local += n * seg.local_params
+        exposed = self.dp_exposed(reduce, gather, time.forward, time.backward)
+        return exposed, self.optimizer_seconds(local)
 
     @functools.cached_property
-    def stage_memories(self) -> list[StageMemory]:
-        """Memory of one rank of every stage (calibration-free, computed once)."""
-        return [self.stage_memory(s) for s in self.stages]
-
-    def stage_memory(self, stage: Stage) -> StageMemory:
+    def memory_model(self) -> MemoryModel:
         top_k = (self.spec["moe"] or {}).get("top_k", 1)
-        return stage_memory(
-            stage,
+        return MemoryModel(
+            self.segs,
             self.layout,
             self.precision,
             self.seq_len,
@@ -341,6 +402,14 @@ class CostModel:
             top_k,
         )
 
+    @functools.cached_property
+    def stage_memories(self) -> list[StageMemory]:
+        """Memory of one rank of every stage (calibration-free, computed once)."""
+        return [self.stage_memory(s) for s in self.stages]
+
+    def stage_memory(self, stage: Stage) -> StageMemory:
+        return self.memory_model.stage(stage)
+
     # -- everything ------------------------------------------------------------------------
     def estimate(self, model_name: str, reserve_bytes: float = 0.0) -> Estimate:
         L = self.layout
@@ -348,9 +417,7 @@ class CostModel:
         t_max = max(t.total for t in times)
         m = self.microbatches
         pipeline = m * t_max + (sum(t.total for t in times) - t_max) / L.vpp
-        dp_opt = [
-            self._dp(s, t.backward, t.forward) for s, t in zip(self.stages, times, strict=True)
-        ]
+        dp_opt = [self._dp(s, t) for s, t in zip(self.stages, times, strict=True)]
         dp_exposed = max(d for d, _ in dp_opt)
         optimizer = max(o for _, o in dp_opt)
         step = pipeline + dp_exposed + optimizer
@@ -391,3 +458,13 @@ class CostModel:
             microbatches=m,
             model_flops_per_step=model_flops,
         )
+
+
+_SEGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_segments(graph) -> Segments:
+    """The graph's segments, computed once per graph (graphs are cached per trace)."""
+    if graph not in _SEGMENTS:
+        _SEGMENTS[graph] = segments(graph)
+    return _SEGMENTS[graph]

@@ -13,9 +13,13 @@ Activations: the bytes the traced forward saves for backward (its bf16 part doub
 fp32 training; fp32 statistics and indices keep their size), scaled to the micro-batch
 and divided by tp*cp (with sequence parallelism every saved tensor is split over tp, and
 context parallelism splits the sequence), times the micro-batches a stage holds at once.
-Recompute modes: none keeps everything; selective recomputes attention cores (their
-saved q, k, v, output and log-sum-exp are dropped); full keeps only each block's input and
-re-runs one block at a time, whose activations are held once.
+Recompute modes (per stage): none keeps everything; selective recomputes attention cores
+(their saved q, k, v, output and log-sum-exp are dropped); full keeps only each block's
+input and re-runs one block at a time, whose activations are held once on top.
+
+Every figure is a sum over the stage's segments (stages.py) of a per-segment figure, plus
+terms that depend only on which segment kinds are present, so the solver can cost any
+partition with the same numbers.
 
 Invariant: every figure is >= 0 and grows with the micro-batch size.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tera.planner.cost.stages import Stage
+from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage
 
 BYTES_PER_PARAM = {
     # precision: (weights, grads, optimizer)
@@ -77,67 +81,95 @@ def in_flight_chunks(stage: int, pp: int, vpp: int, microbatches: int) -> int:
     return min(microbatches * vpp, 2 * (pp - stage - 1) + (vpp - 1) * pp + 1)
 
 
-def stage_memory(
-    stage: Stage,
-    layout,
-    precision: str,
-    seq_len: int,
-    hidden: int,
-    microbatches: int,
-    act_scale: float,
-    top_k: int,
-) -> StageMemory:
-    """Memory of one rank of `stage` (a resolved layout). The trace is one sequence of
-    `seq_len`; `act_scale` converts its bf16 activation bytes to the run's precision."""
-    w_bytes, g_bytes, o_bytes = BYTES_PER_PARAM[precision]
-    tp, cp = layout.tp, layout.cp
-    dense = stage.totals.dense_per_rank(tp)
-    expert = stage.totals.expert_params / (layout.ep * layout.etp)
-    dense_shards, expert_shards = zero_shards(layout)
+@dataclass(frozen=True)
+class SegmentMemory:
+    """Per-segment memory figures of one rank (bytes; activations per micro-batch)."""
 
-    def sharded(count_dense: float, count_expert: float, stage_zero: int) -> float:
-        if layout.zero >= stage_zero:
-            return count_dense / dense_shards + count_expert / expert_shards
-        return count_dense + count_expert
+    dense: float  # dense parameters held before ZeRO sharding
+    expert: float  # expert parameters held before ZeRO sharding
+    saved: dict[str, float]  # recompute mode -> activation bytes kept per micro-batch
+    working: float  # bytes a block re-materialises under full recompute (0: not a block)
 
-    params = w_bytes * sharded(dense, expert, 3)
-    grads = g_bytes * sharded(dense, expert, 2)
-    optimizer = o_bytes * sharded(dense, expert, 1)
 
-    shard = layout.mbs / (tp * cp)  # trace bytes -> this rank's share of a micro-batch
+class MemoryModel:
+    """Memory of one rank, per segment and per stage, for a resolved layout."""
 
-    def scaled(saved: float, lowp: float) -> float:
-        """Trace bytes at the run's precision: only bf16 activations change size."""
-        return (saved + (act_scale - 1) * lowp) * shard
+    def __init__(
+        self,
+        segs: Segments,
+        layout,
+        precision: str,
+        seq_len: int,
+        hidden: int,
+        microbatches: int,
+        act_scale: float,
+        top_k: int,
+    ):
+        self.segs, self.layout, self.microbatches = segs, layout, microbatches
+        self.w_bytes, self.g_bytes, self.o_bytes = BYTES_PER_PARAM[precision]
+        tp, cp = layout.tp, layout.cp
+        self.shards = zero_shards(layout)
+        self.layer_input = layout.mbs * seq_len * hidden * 2 * act_scale / (tp * cp)
+        self.top_k = top_k
+        self.act_scale = act_scale
+        self.segment = {kind: self._segment(kind) for kind in segs.totals}
 
-    layer_input = layout.mbs * seq_len * hidden * 2 * act_scale / (tp * cp)
-    per_layer = [
-        scaled(s, lp)
-        for s, lp in zip(stage.per_layer_saved, stage.per_layer_saved_lowp, strict=True)
-    ]
-    saved = sum(per_layer)
-    if layout.recompute == "full":
-        kept = len(stage.layers) * layer_input + max(per_layer, default=0)
-    elif layout.recompute == "selective":
-        attention = stage.totals.by_kind.get("attention", {})
-        kept = saved - scaled(attention.get("saved_bytes", 0), attention.get("saved_lowp_bytes", 0))
-    else:
-        kept = saved
-    # embedding and head activations live outside the blocks
-    outside = scaled(
-        stage.totals.total("saved_bytes") - sum(stage.per_layer_saved),
-        stage.totals.total("saved_lowp_bytes") - sum(stage.per_layer_saved_lowp),
-    )
-    chunks = in_flight_chunks(stage.index, layout.pp, layout.vpp, microbatches)
-    per_chunk = (kept + outside) / max(1, len(stage.chunks))
-    activations = chunks * per_chunk
+    def _segment(self, kind: str) -> SegmentMemory:
+        L, totals = self.layout, self.segs.totals[kind]
+        share = L.mbs / (L.tp * L.cp)  # trace bytes -> this rank's share of a micro-batch
 
-    buffers = 0.0
-    if tp > 1:  # sequence-parallel all-gather output of one block input
-        buffers += layer_input * tp
-    if layout.ep > 1 and stage.moe_layers:  # dispatch send and receive buffers
-        buffers += 2 * layer_input * top_k
-    if layout.zero == 3:  # one block's gathered weights
-        per_layer = (dense * tp + expert * layout.ep * layout.etp) / max(1, len(stage.layers))
-        buffers += w_bytes * per_layer / tp
-    return StageMemory(params, grads, optimizer, activations, buffers)
+        def scaled(saved: float, lowp: float) -> float:
+            """Trace bytes at the run's precision: only bf16 activations change size."""
+            return (saved + (self.act_scale - 1) * lowp) * share
+
+        saved = scaled(totals.total("saved_bytes"), totals.total("saved_lowp_bytes"))
+        modes = dict.fromkeys(("none", "selective", "full"), saved)
+        working = 0.0
+        if kind in BLOCK_KINDS:
+            attention = totals.by_kind.get("attention", {})
+            attention_saved = scaled(
+                attention.get("saved_bytes", 0), attention.get("saved_lowp_bytes", 0)
+            )
+            modes["selective"] = saved - attention_saved
+            modes["full"] = self.layer_input
+            working = saved
+        dense = totals.dense_per_rank(L.tp)
+        expert = totals.expert_params / (L.ep * L.etp)
+        return SegmentMemory(dense, expert, modes, working)
+
+    def static_bytes(self, dense: float, expert: float) -> tuple[float, float, float]:
+        """(weights, gradients, optimizer state) bytes of this many parameters per rank."""
+        zero, (dense_shards, expert_shards) = self.layout.zero, self.shards
+
+        def sharded(stage_zero: int) -> float:
+            if zero >= stage_zero:
+                return dense / dense_shards + expert / expert_shards
+            return dense + expert
+
+        return self.w_bytes * sharded(3), self.g_bytes * sharded(2), self.o_bytes * sharded(1)
+
+    def stage(self, stage: Stage) -> StageMemory:
+        L, counts, seg = self.layout, stage.counts, self.segment
+        present = [kind for kind, n in counts.items() if n]
+        dense = sum(n * seg[kind].dense for kind, n in counts.items())
+        expert = sum(n * seg[kind].expert for kind, n in counts.items())
+        params, grads, optimizer = self.static_bytes(dense, expert)
+        chunks = in_flight_chunks(stage.index, L.pp, L.vpp, self.microbatches)
+        kept = sum(n * seg[kind].saved[stage.recompute] for kind, n in counts.items())
+        activations = chunks / L.vpp * kept
+        if stage.recompute == "full":
+            activations += max((seg[kind].working for kind in present), default=0.0)
+        return StageMemory(params, grads, optimizer, activations, self.buffers(present))
+
+    def buffers(self, present: list[str]) -> float:
+        """Communication and gather buffers of a stage holding these segment kinds."""
+        L, buffers = self.layout, 0.0
+        if L.tp > 1:  # sequence-parallel all-gather output of one block input
+            buffers += self.layer_input * L.tp
+        if L.ep > 1 and "moe" in present:  # dispatch send and receive buffers
+            buffers += 2 * self.layer_input * self.top_k
+        if L.zero == 3:  # the largest segment's gathered weights
+            buffers += self.w_bytes * max(
+                (self.segment[k].dense + self.segment[k].expert for k in present), default=0.0
+            )
+        return buffers

@@ -1,10 +1,20 @@
-"""Split the Graph into pipeline stages and sum what each stage holds and does.
+"""Segments of the Graph and the pipeline stages built from them.
 
-Layers are cut into pp*vpp contiguous chunks as evenly as possible (the first chunks take
-the remainder); chunk c runs on stage c % pp, so with vpp > 1 each stage holds vpp
-non-adjacent chunks (Megatron's interleaved schedule). The embedding (layer -1) joins the
-first chunk, the head and loss (layer L) the last; with tied embeddings and pp > 1 the
-last stage also holds a copy of the embedding matrix, as Megatron-LM does.
+The cost model works on four kinds of segment, each the sum of its operator nodes:
+  embedding  the nodes before the blocks (layer -1)
+  dense      one dense transformer block
+  moe        one MoE transformer block
+  head       the final norm, the output projection and the loss (layer `layers`)
+Blocks of one kind are identical (the tracer replicates one traced block; `segments`
+checks it), so a stage is fully described by how many segments of each kind it holds,
+and every cost of a stage is a sum over its segments. That linearity is what lets the
+solver (planner/solve) cost any partition of layers exactly.
+
+A layout's pp*vpp virtual chunks hold contiguous blocks (`Layout.chunk_sizes`); chunk c
+runs on stage c % pp, so with vpp > 1 each stage holds vpp non-adjacent chunks
+(Megatron's interleaved schedule). The embedding joins chunk 0, the head the last chunk;
+with tied embeddings and pp > 1 the head's stage also holds its own copy of the
+embedding matrix, as Megatron-LM does (segment `tied_head`).
 
 All figures are for ONE sequence of the traced length on the whole (unsharded) model; the
 cost model divides by the sharding of the layout.
@@ -20,6 +30,8 @@ from tera.planner.fields import NODE_FIELDS
 
 # Summed per kind; parameters are summed apart, split by how they shard.
 SUMMED = tuple(f for f in NODE_FIELDS if f not in ("params", "param_bytes"))
+SEGMENT_KINDS = ("embedding", "dense", "moe", "head", "tied_head")
+BLOCK_KINDS = ("dense", "moe")
 
 
 @dataclass
@@ -42,6 +54,15 @@ class Totals:
         for key in SUMMED:
             sums[key] += node[key]
 
+    def add_totals(self, other: Totals, times: int = 1) -> None:
+        self.dense_params += times * other.dense_params
+        self.replicated_params += times * other.replicated_params
+        self.expert_params += times * other.expert_params
+        for kind, sums in other.by_kind.items():
+            mine = self.by_kind.setdefault(kind, dict.fromkeys(SUMMED, 0))
+            for key in SUMMED:
+                mine[key] += times * sums[key]
+
     def dense_per_rank(self, tp: int) -> float:
         """Dense parameters one tensor-parallel rank holds."""
         return self.dense_params / tp + self.replicated_params
@@ -50,76 +71,106 @@ class Totals:
         return sum(v[key] for k, v in self.by_kind.items() if kinds is None or k in kinds)
 
 
+@dataclass(frozen=True)
+class Segments:
+    """The model as segment totals plus the kind of every block."""
+
+    totals: dict[str, Totals]  # SEGMENT_KINDS -> totals (absent kinds are empty)
+    block_kinds: tuple[str, ...]  # "dense" | "moe" for each block, in order
+
+    @property
+    def layers(self) -> int:
+        return len(self.block_kinds)
+
+    def dense_before(self, block: int) -> int:
+        """Dense blocks among blocks 0 .. block-1."""
+        return sum(1 for kind in self.block_kinds[:block] if kind == "dense")
+
+
+def segments(graph: nx.DiGraph) -> Segments:
+    """Sum the graph's nodes into segments; blocks of one kind must be identical."""
+    spec = graph.graph["spec"]
+    layers = spec["layers"]
+    per_layer: dict[int, Totals] = {}
+    moe_layers = set()
+    for _, node in graph.nodes(data=True):
+        per_layer.setdefault(node["layer"], Totals()).add(node)
+        if node["expert"]:
+            moe_layers.add(node["layer"])
+    kinds = tuple("moe" if x in moe_layers else "dense" for x in range(layers))
+    totals = {kind: Totals() for kind in SEGMENT_KINDS}
+    totals["embedding"] = per_layer.get(-1, Totals())
+    totals["head"] = per_layer.get(layers, Totals())
+    for kind in BLOCK_KINDS:
+        blocks = [per_layer[x] for x in range(layers) if kinds[x] == kind]
+        if blocks:
+            if any(b != blocks[0] for b in blocks):
+                raise ValueError(f"{kind} blocks of {spec['name']} differ; cannot segment")
+            totals[kind] = blocks[0]
+    if spec["tie_embeddings"]:
+        # The trace gives a tied head no parameters (the embedding owns the matrix).
+        totals["tied_head"] = Totals(dense_params=spec["vocab"] * spec["hidden"])
+    return Segments(totals, kinds)
+
+
 @dataclass
 class Stage:
+    """One pipeline stage of a layout: its chunks and how many segments of each kind."""
+
     index: int
-    layers: list[int]  # block indices on this stage, in execution order
     chunks: list[tuple[int, int]]  # (first, last) block of each virtual chunk
-    totals: Totals
-    per_layer_saved: list[int]  # saved bytes of each block, same order as `layers`
-    per_layer_saved_lowp: list[int]  # the bf16 part of those (scales with precision)
-    moe_layers: int
-    dense_layers: int
-    has_embedding: bool
-    has_head: bool
+    counts: dict[str, int]  # SEGMENT_KINDS -> how many this stage holds
+    recompute: str  # none | selective | full
+    totals: Totals  # the sum of its segments (for reporting)
+
+    @property
+    def layers(self) -> list[int]:
+        """Block indices on this stage, in execution order."""
+        return [x for first, last in self.chunks for x in range(first, last + 1)]
+
+    @property
+    def moe_layers(self) -> int:
+        return self.counts["moe"]
+
+    @property
+    def dense_layers(self) -> int:
+        return self.counts["dense"]
+
+    @property
+    def has_embedding(self) -> bool:
+        return bool(self.counts["embedding"])
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.counts["head"])
 
 
-def chunk_bounds(layers: int, chunks: int) -> list[tuple[int, int]]:
-    """Inclusive (first, last) block of each chunk; sizes differ by at most one."""
-    base, extra = divmod(layers, chunks)
+def chunk_bounds(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Inclusive (first, last) block of each chunk of the given sizes."""
     bounds, start = [], 0
-    for c in range(chunks):
-        size = base + (1 if c < extra else 0)
+    for size in sizes:
         bounds.append((start, start + size - 1))
         start += size
     return bounds
 
 
-def split_stages(graph: nx.DiGraph, pp: int, vpp: int) -> list[Stage]:
-    spec = graph.graph["spec"]
-    L = spec["layers"]
-    bounds = chunk_bounds(L, pp * vpp)
-    stage_of_layer = {}
-    for c, (first, last) in enumerate(bounds):
-        for layer in range(first, last + 1):
-            stage_of_layer[layer] = c % pp
-    stage_of_layer[-1] = 0
-    stage_of_layer[L] = (len(bounds) - 1) % pp
-    stages = [
-        Stage(
-            s,
-            [],
-            [b for c, b in enumerate(bounds) if c % pp == s],
-            Totals(),
-            [],
-            [],
-            0,
-            0,
-            s == stage_of_layer[-1],
-            s == stage_of_layer[L],
-        )
-        for s in range(pp)
-    ]
-    saved_by_layer: dict[int, int] = {}
-    lowp_by_layer: dict[int, int] = {}
-    moe_layers = set()
-    for _, node in graph.nodes(data=True):
-        layer = node["layer"]
-        stages[stage_of_layer[layer]].totals.add(node)
-        if 0 <= layer < L:
-            saved_by_layer[layer] = saved_by_layer.get(layer, 0) + node["saved_bytes"]
-            lowp_by_layer[layer] = lowp_by_layer.get(layer, 0) + node["saved_lowp_bytes"]
-            if node["expert"]:
-                moe_layers.add(layer)
-    for stage in stages:
-        stage.layers = [x for first, last in stage.chunks for x in range(first, last + 1)]
-        stage.per_layer_saved = [saved_by_layer.get(x, 0) for x in stage.layers]
-        stage.per_layer_saved_lowp = [lowp_by_layer.get(x, 0) for x in stage.layers]
-        stage.moe_layers = sum(1 for x in stage.layers if x in moe_layers)
-        stage.dense_layers = len(stage.layers) - stage.moe_layers
-    last = stage_of_layer[L]
-    if spec["tie_embeddings"] and last != stage_of_layer[-1]:
-        # Megatron-LM keeps its own copy of a tied output matrix on the last stage (the
-        # trace gives a tied head no parameters: the embedding owns the matrix).
-        stages[last].totals.dense_params += spec["vocab"] * spec["hidden"]
+def split_stages(segs: Segments, layout) -> list[Stage]:
+    """The stages of a resolved layout (its partition and per-stage recompute)."""
+    pp = layout.pp
+    bounds = chunk_bounds(layout.chunk_sizes(segs.layers))
+    stages = []
+    for s in range(pp):
+        chunks = [b for c, b in enumerate(bounds) if c % pp == s]
+        counts = dict.fromkeys(SEGMENT_KINDS, 0)
+        for first, last in chunks:
+            for x in range(first, last + 1):
+                counts[segs.block_kinds[x]] += 1
+        counts["embedding"] = int(s == 0)
+        counts["head"] = int(s == (len(bounds) - 1) % pp)
+        tied = bool(segs.totals["tied_head"].dense_params)
+        counts["tied_head"] = int(counts["head"] and pp > 1 and tied)
+        totals = Totals()
+        for kind, n in counts.items():
+            totals.add_totals(segs.totals[kind], n)
+        stages.append(Stage(s, chunks, counts, layout.stage_recompute[s], totals))
     return stages

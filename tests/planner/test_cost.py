@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from tera.planner import evaluate
 from tera.planner.cost.memory import in_flight_chunks
 from tera.planner.cost.stages import chunk_bounds
+from tera.planner.layout import even_partition
 from tera.planner.layout import LayoutError
 
 
@@ -36,7 +37,7 @@ def test_done_when_gpt3_on_a100():
 def test_chunk_bounds_cover_every_layer_once():
     for layers in (1, 7, 61, 126):
         for chunks in range(1, layers + 1, 5):
-            bounds = chunk_bounds(layers, chunks)
+            bounds = chunk_bounds(even_partition(layers, chunks))
             covered = [x for a, b in bounds for x in range(a, b + 1)]
             assert covered == list(range(layers))
             sizes = [b - a + 1 for a, b in bounds]

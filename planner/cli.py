@@ -17,9 +17,11 @@ GiB = 2**30
 def _input_errors() -> tuple[type[Exception], ...]:
     from tera.models import SpecError
     from tera.planner.layout import LayoutError
+    from tera.planner.plan import PlanError
+    from tera.planner.solve import SearchError
     from tera.topologies import ClusterError
 
-    return SpecError, LayoutError, ClusterError
+    return SpecError, LayoutError, ClusterError, PlanError, SearchError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,12 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="busiest expert's load over the mean (1.0: balanced routing)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("search", help="find the fastest layouts, with a certificate")
+    p.add_argument("model", help="preset name or model YAML path")
+    p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
+    p.add_argument("--gpus", type=_positive_int, help="size the cluster to N GPUs")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
+    p.add_argument("--fix", default="", help="pin keys, e.g. tp=2,ep=8")
+    p.add_argument("--top", type=_positive_int, default=3, help="plans to rank (default 3)")
+    p.add_argument("--time-limit", type=float, help="seconds; the best plan so far and its gap")
+    p.add_argument("--objective", choices=("step_time", "cost"), default="step_time")
+    p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
+    p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
+    p.add_argument("--imbalance", type=float, default=1.0, help="busiest expert / mean load")
+    p.add_argument("-o", "--output", help="write the best plan as plan.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"models": _models, "clusters": _clusters, "trace": _trace, "evaluate": _evaluate}
+    command = {
+        "models": _models,
+        "clusters": _clusters,
+        "trace": _trace,
+        "evaluate": _evaluate,
+        "search": _search,
+    }
     try:
         return command[args.command](args)
     except _input_errors() as err:
@@ -220,6 +245,102 @@ def _evaluate(args) -> int:
         memory.add_row(part, f"{gib:.2f}")
     console.print(memory)
     return 0
+
+
+def _search(args) -> int:
+    from tera.planner.plan import Plan
+    from tera.planner.solve import search
+
+    console = _console()
+    quiet = args.json
+    with console.status("tracing and bounding the space ...", spinner="dots") as status:
+
+        def progress(message: str) -> None:
+            if not quiet:
+                status.update(f"searching: {message}")
+                if ": tp" in message:  # a new plan entered the top K
+                    console.print(f"  {message}", highlight=False)
+
+        result = search(
+            args.model,
+            args.cluster,
+            args.global_batch,
+            args.seq_len,
+            gpus=args.gpus,
+            precision=args.precision,
+            fix=args.fix,
+            top=args.top,
+            time_limit=args.time_limit,
+            objective=args.objective,
+            price_per_gpu_hour=args.price_per_gpu_hour,
+            reserve_gib=args.reserve_gib,
+            imbalance=args.imbalance,
+            progress=progress,
+        )
+    if args.output:
+        best = result.best
+        plan = Plan.build(
+            result.spec,
+            result.clusters[best.config.gpus],
+            best.layout,
+            args.global_batch,
+            args.seq_len,
+            args.precision,
+            best.estimate.to_dict(),
+            result.certificate.to_dict(),
+        )
+        plan.save(args.output)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    c = result.certificate
+    unit = "s/step" if c.objective_kind == "step_time" else "USD per million tokens"
+    console.print(
+        f"[bold]{c.status}[/] objective {c.objective:.4g} {unit}, bound {c.bound:.4g}, "
+        f"gap {c.gap:.2%}, {c.seconds:.1f} s; {result.space_size} configurations, "
+        f"{result.solved} solved by CP-SAT, the rest bounded out",
+        highlight=False,
+    )
+    table = _table(
+        "top plans",
+        ["#", "layout", "step s", "MFU", "tokens/s/GPU", "peak GiB", "vs #1", "largest parts"],
+    )
+    first = result.best.estimate.step_time_s
+    for plan in result.plans:
+        e = plan.estimate
+        parts = sorted(e.breakdown_s.items(), key=lambda kv: -kv[1])[:3]
+        table.add_row(
+            str(plan.rank),
+            _short_layout(plan.layout),
+            f"{e.step_time_s:.4g}",
+            f"{e.mfu:.1%}",
+            f"{e.tokens_per_s_per_gpu:,.0f}",
+            f"{e.peak_memory_gib:.1f}",
+            f"+{e.step_time_s / first - 1:.1%}",
+            ", ".join(f"{k} {v:.3g}" for k, v in parts),
+        )
+    console.print(table)
+    if args.output:
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def _short_layout(layout) -> str:
+    """The layout keys that differ from their defaults, partition and recompute last."""
+    from tera.planner.layout import Layout
+
+    default = Layout()
+    keys = ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "dp_replicate", "zero", "mbs")
+    text = ",".join(
+        f"{k}={getattr(layout, k)}"
+        for k in keys
+        if k in ("tp", "pp", "ep", "dp", "zero", "mbs") or getattr(layout, k) != getattr(default, k)
+    )
+    modes = set(layout.stage_recompute)
+    text += f",recompute={modes.pop() if len(modes) == 1 else layout.recompute}"
+    if len(set(layout.partition)) > 1:
+        text += f",partition={':'.join(map(str, layout.partition))}"
+    return text
 
 
 if __name__ == "__main__":

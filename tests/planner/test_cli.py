@@ -178,3 +178,52 @@ def test_models_starts_without_importing_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+SEARCH = [
+    "search",
+    "tiny-moe",
+    "--cluster",
+    "dgx-h100",
+    "--gpus",
+    "8",
+    "--global-batch",
+    "32",
+    "--seq-len",
+    "128",
+]
+
+
+def test_search_prints_ranked_plans_and_writes_a_plan_that_loads(capsys, tmp_path):
+    from tera.planner.plan import Plan
+
+    path = tmp_path / "plan.json"
+    code, out, err = run(capsys, *SEARCH, "--top", "2", "-o", str(path))
+    assert code == 0, err
+    assert "OPTIMAL" in out and "top plans" in out and f"wrote {path}" in out
+    plan = Plan.load(path)
+    assert plan.certificate["status"] == "OPTIMAL" and plan.world_size == 8
+    assert plan.prediction["fits"]
+
+
+def test_search_json_has_the_certificate_and_the_plans(capsys):
+    code, out, _ = run(capsys, *SEARCH, "--top", "2", "--json", "--fix", "pp=2")
+    assert code == 0
+    data = json.loads(out)
+    assert {"status", "objective", "bound", "gap", "seconds"} <= set(data)
+    assert [p["rank"] for p in data["plans"]] == [1, 2]
+    assert all(p["layout"]["pp"] == 2 for p in data["plans"])
+    assert data["plans"][0]["step_time_s"] <= data["plans"][1]["step_time_s"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--fix", "foo=2"], "foo"),
+        (["--fix", "tp=1,cp=1,pp=1,mbs=8"], "global batch"),
+        (["--objective", "speed"], "objective"),
+    ],
+)
+def test_search_bad_input_is_one_line(capsys, extra, needle):
+    code, _, err = run(capsys, *SEARCH, *extra)
+    assert_one_line_error(code, err, needle)

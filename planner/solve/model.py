@@ -1,0 +1,223 @@
+"""The CP-SAT model over configurations, partitions and per-stage recompute.
+
+Given integer tables for a set of configurations (tables.py), one CpModel chooses the
+configuration, the blocks of each virtual chunk and the recompute mode of each stage.
+
+Variables
+  x_k            one Boolean per configuration k, exactly one true
+  per pipeline shape (pp, vpp), shared by the configurations of that shape:
+    n_c          blocks in chunk c (1 .. layers), sum over c = layers
+    De_c         dense blocks among the first (n_0 + ... + n_c) blocks: an element
+                 constraint on the model's prefix count, so any dense/MoE pattern is exact
+    dense_s, moe_s
+                 blocks of each kind on stage s (sums over the chunks c = s mod pp)
+    r_sm         recompute mode m of stage s, exactly one per stage
+    U_skm        = count of kind k on stage s if r_sm else 0: the products of a count and
+                 a mode, linearised exactly by two reified equalities
+    has_sk, z_sk has_sk >= [count_sk > 0] and z_sk >= r_s,full + has_sk - 1: presence
+                 flags for the max terms of memory (only ever pushed up by feasibility)
+  Tmax, P, D, O  max stage time, pipeline time, exposed data-parallel time and optimizer
+                 time of the chosen configuration, all in ns
+
+Constraints, each enforced only when x_k holds (CP-SAT's OnlyEnforceIf, no big-M):
+  Tmax >= T_s for every stage; vpp*P >= (m*vpp - 1)*Tmax + sum_s T_s: the pipeline
+  formula with its max over stages decomposed into lower bounds, exact at the optimum
+  because the objective pushes Tmax and P down; D >= each linear piece of the exposed
+  data-parallel time of every stage (a max of maxes of linear terms is the smallest
+  value above all pieces); O >= the optimizer time of every stage; memory of every
+  stage <= the budget, once for each choice of the max terms (max(a, b) + c <= cap is
+  a + c <= cap and b + c <= cap).
+Objective: minimise P + D + O, the step time (or weight_k * (P + D + O) with a per-config
+weight, the GPUs used, for dollars per token). Every coefficient is an integer from the
+tables, so the optimum equals tables.step_ns minimised over the same candidates: the
+model is exact, not a relaxation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from tera.planner.cost.stages import Segments
+from tera.planner.solve.tables import MODES, ConfigTables
+
+BLOCKS = ("dense", "moe")
+
+
+@dataclass
+class Shape:
+    """The shared partition and recompute variables of one (pp, vpp) shape."""
+
+    pp: int
+    vpp: int
+    sizes: list  # n_c
+    counts: list[dict]  # per stage: kind -> IntVar
+    fixed: list[dict]  # per stage: embedding/head/tied_head -> 0 or 1
+    modes: list[dict]  # per stage: mode -> BoolVar
+    products: list[dict]  # per stage: (kind, mode) -> IntVar
+    has: list[dict]  # per stage: kind -> BoolVar
+    full_has: list[dict]  # per stage: kind -> BoolVar
+
+
+class Formulation:
+    def __init__(self, segs: Segments, tables: list[ConfigTables], weights: list[int]):
+        self.segs = segs
+        self.model = cp_model.CpModel()
+        self.tables = tables
+        self.weights = weights
+        self.shapes: dict[tuple[int, int], Shape] = {}
+        self.choose = [self.model.new_bool_var(f"x{i}") for i in range(len(tables))]
+        self.model.add_exactly_one(self.choose)
+        horizon = max(self._step_bound(t) for t in tables)
+        self.tmax = self.model.new_int_var(0, horizon, "Tmax")
+        self.pipeline = self.model.new_int_var(0, horizon, "P")
+        self.dp = self.model.new_int_var(0, horizon, "D")
+        self.optimizer = self.model.new_int_var(0, horizon, "O")
+        step = self.pipeline + self.dp + self.optimizer
+        if all(w == 1 for w in weights):
+            self.objective = step
+            self.model.minimize(step)
+        else:
+            self.objective = self.model.new_int_var(0, horizon * max(weights), "Z")
+            for x, w in zip(self.choose, weights, strict=True):
+                self.model.add(self.objective >= w * step).only_enforce_if(x)
+            self.model.minimize(self.objective)
+        for x, t in zip(self.choose, tables, strict=True):
+            self._add_config(x, t)
+
+    # -- bounds ----------------------------------------------------------------------------
+    def _step_bound(self, t: ConfigTables) -> int:
+        """A step time no candidate of `t` exceeds (every block on one stage, full
+        recompute, nothing hidden): the horizon of the time variables."""
+        whole = self.segs.layers + 2
+        worst = max(t.forward[k] + t.backward[k] + max(t.recompute[k].values()) for k in t.forward)
+        stage = whole * worst + t.pp_forward + t.pp_backward
+        dp = whole * max(t.reduce[k] + t.gather[k] + t.exposed_floor[k] for k in t.reduce)
+        optimizer = whole * max(t.optimizer.values())
+        return (t.microbatches + 1) * stage + dp + optimizer + 1
+
+    # -- shared variables of a pipeline shape ----------------------------------------------
+    def shape(self, pp: int, vpp: int) -> Shape:
+        if (pp, vpp) in self.shapes:
+            return self.shapes[pp, vpp]
+        m, segs, layers = self.model, self.segs, self.segs.layers
+        chunks = pp * vpp
+        tag = f"pp{pp}v{vpp}"
+        sizes = [m.new_int_var(1, layers - chunks + 1, f"{tag}n{c}") for c in range(chunks)]
+        m.add(sum(sizes) == layers)
+        prefix = [segs.dense_before(x) for x in range(layers + 1)]
+        dense_upto, end = [], 0
+        for c in range(chunks):
+            end = end + sizes[c]
+            if c == chunks - 1:
+                dense_upto.append(prefix[layers])
+                continue
+            d = m.new_int_var(0, prefix[layers], f"{tag}De{c}")
+            m.add_element(end, prefix, d)
+            dense_upto.append(d)
+        tied = bool(segs.totals["tied_head"].dense_params) and pp > 1
+        counts, fixed, modes, products, has, full_has = [], [], [], [], [], []
+        for s in range(pp):
+            own = range(s, chunks, pp)
+            dense_expr = sum(dense_upto[c] - (dense_upto[c - 1] if c else 0) for c in own)
+            blocks = sum(sizes[c] for c in own)
+            dense = m.new_int_var(0, layers, f"{tag}s{s}dense")
+            moe = m.new_int_var(0, layers, f"{tag}s{s}moe")
+            m.add(dense == dense_expr)
+            m.add(moe == blocks - dense_expr)
+            count = {"dense": dense, "moe": moe}
+            last = s == (chunks - 1) % pp
+            fixed.append(
+                {"embedding": int(s == 0), "head": int(last), "tied_head": int(last and tied)}
+            )
+            mode = {r: m.new_bool_var(f"{tag}s{s}{r}") for r in MODES}
+            m.add_exactly_one(mode.values())
+            product = {}
+            for kind in BLOCKS:
+                for r in MODES:
+                    u = m.new_int_var(0, layers, f"{tag}s{s}{kind}{r}")
+                    m.add(u == count[kind]).only_enforce_if(mode[r])
+                    m.add(u == 0).only_enforce_if(mode[r].Not())
+                    product[kind, r] = u
+            present = {}
+            full_present = {}
+            for kind in BLOCKS:
+                flag = m.new_bool_var(f"{tag}s{s}has{kind}")
+                m.add(count[kind] <= layers * flag)
+                present[kind] = flag
+                z = m.new_bool_var(f"{tag}s{s}full{kind}")
+                m.add(z >= mode["full"] + flag - 1)
+                full_present[kind] = z
+            counts.append(count)
+            modes.append(mode)
+            products.append(product)
+            has.append(present)
+            full_has.append(full_present)
+        shape = Shape(pp, vpp, sizes, counts, fixed, modes, products, has, full_has)
+        self.shapes[pp, vpp] = shape
+        return shape
+
+    # -- one configuration ------------------------------------------------------------------
+    def _add_config(self, x, t: ConfigTables) -> None:
+        c = t.config
+        shape = self.shape(c.pp, c.vpp)
+        m, vpp, mb = self.model, c.vpp, t.microbatches
+        totals = []
+        for s in range(c.pp):
+            count, fixed, prod = shape.counts[s], shape.fixed[s], shape.products[s]
+
+            def linear(table: dict[str, int], count=count, fixed=fixed):
+                blocks = sum(table[k] * count[k] for k in BLOCKS)
+                return blocks + sum(table[k] * n for k, n in fixed.items())
+
+            forward = t.pp_forward + linear(t.forward)
+            backward = t.pp_backward + linear(t.backward)
+            backward += sum(t.recompute[k][r] * prod[k, r] for k in BLOCKS for r in MODES)
+            total = forward + backward
+            totals.append(total)
+            m.add(self.tmax >= total).only_enforce_if(x)
+
+            reduce, gather = linear(t.reduce), linear(t.gather)
+            floor = linear(t.exposed_floor)
+            m.add(self.dp >= floor).only_enforce_if(x)
+            if c.zero == 3:
+                m.add(self.dp >= reduce + gather - mb * total).only_enforce_if(x)
+            else:
+                m.add(self.dp >= reduce - backward + gather - forward).only_enforce_if(x)
+                m.add(self.dp >= reduce - backward).only_enforce_if(x)
+                m.add(self.dp >= gather - forward).only_enforce_if(x)
+            m.add(self.optimizer >= linear(t.optimizer)).only_enforce_if(x)
+            self._memory(x, t, shape, s, linear)
+        m.add(vpp * self.pipeline >= (mb * vpp - 1) * self.tmax + sum(totals)).only_enforce_if(x)
+
+    def _memory(self, x, t: ConfigTables, shape: Shape, s: int, linear) -> None:
+        vpp, prod, has = t.config.vpp, shape.products[s], shape.has[s]
+        fixed = shape.fixed[s]
+        held = linear(t.static) + t.base_buffers + t.moe_buffers * has["moe"]
+        saved = sum(t.saved[k][r] * prod[k, r] for k in BLOCKS for r in MODES)
+        saved += sum(t.saved[k]["none"] * n for k, n in fixed.items())
+        base = vpp * held + t.inflight[s] * saved
+        working = [0] + [vpp * t.working[k] * shape.full_has[s][k] for k in BLOCKS]
+        present_fixed = [t.gathered[k] for k, n in fixed.items() if n]
+        gathered = [vpp * max(present_fixed, default=0)]
+        gathered += [vpp * t.gathered[k] * has[k] for k in BLOCKS if t.gathered[k]]
+        for w in working:
+            for g in gathered:
+                self.model.add(base + w + g <= vpp * t.budget).only_enforce_if(x)
+
+    # -- reading a solution -------------------------------------------------------------------
+    def chosen(self, solver: cp_model.CpSolver) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
+        """(index of the chosen configuration, partition, per-stage recompute)."""
+        k = next(i for i, x in enumerate(self.choose) if solver.boolean_value(x))
+        c = self.tables[k].config
+        shape = self.shapes[c.pp, c.vpp]
+        partition = tuple(solver.value(n) for n in shape.sizes)
+        recompute = tuple(
+            next(r for r in MODES if solver.boolean_value(mode[r])) for mode in shape.modes
+        )
+        return k, partition, recompute
+
+    def forbid(self, k: int) -> None:
+        """Exclude configuration k (to rank the runners-up)."""
+        self.model.add(self.choose[k] == 0)

@@ -1,0 +1,419 @@
+"""`search`: the best layouts of a model on a cluster, with a certificate of optimality.
+
+The space (space.py) is large: a trillion-parameter model on 16,384 GPUs has some 10^5
+configurations of degrees, each with C(layers-1, pp*vpp-1) partitions and 3^pp recompute
+assignments. The search is a branch and bound over configurations with CP-SAT solving
+each one's coupled partition, recompute and memory problem (model.py) exactly:
+
+1. Every configuration gets a lower bound on its step time from the cost model's
+   per-segment figures: all blocks' forward and backward without recompute, spread
+   perfectly over the stages (max_s T_s >= sum_s T_s / pp), with no exposed data-parallel
+   time. A configuration whose weights, gradients and optimizer state alone exceed pp
+   GPUs' memory is infeasible and dropped (the stages' static memory sums to the total).
+2. Configurations are solved in bound order. Each CP-SAT model carries the cutoff
+   "objective < the K-th best so far", so a configuration that cannot enter the top K is
+   refuted by CP-SAT's own bounds, usually without search.
+3. The search stops when the next bound is at least the K-th best objective: every
+   configuration left is proven no better.
+
+The certificate's bound is the smallest bound not beaten (of a configuration not reached
+or a solve cut short), so `status = OPTIMAL` means proven optimal under the cost model
+over the whole space. A time limit or Ctrl-C stops the running solve and returns the best
+plan found with its bound and gap.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ortools.sat.python import cp_model
+
+from tera.planner.cost.calibration import Calibration
+from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
+from tera.planner.cost.memory import static_bytes, zero_shards
+from tera.planner.layout import Layout, LayoutError
+from tera.planner.solve.model import Formulation
+from tera.planner.solve.space import Config, Space
+from tera.planner.solve.tables import NS, ConfigTables, ns
+
+OBJECTIVES = ("step_time", "cost")
+# A configuration whose CP-SAT solve takes longer than this is left open (its bound
+# counts in the certificate) so that one hard configuration cannot stall the search.
+SECONDS_PER_CONFIGURATION = 2.0
+DEFAULT_PRICE_PER_GPU_HOUR = (
+    2.5  # hardware-facts power_cost.price_usd_per_gpu_hour.planner_default_h100.central
+)
+
+
+class SearchError(ValueError):
+    """No layout fits; the message says the smallest change that would make one."""
+
+    def __init__(self, problem: str, fix: str):
+        self.field = "search"
+        super().__init__(f"search: {problem}; {fix}")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    status: str  # OPTIMAL | FEASIBLE
+    objective: float  # seconds per step, or dollars per million tokens for cost
+    objective_kind: str
+    bound: float
+    gap: float  # (objective - bound) / objective
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "objective": self.objective,
+            "objective_kind": self.objective_kind,
+            "bound": self.bound,
+            "gap": self.gap,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class RankedPlan:
+    rank: int
+    config: Config
+    layout: Layout  # resolved, with partition and per-stage recompute
+    objective_ns: int  # tables.step_ns (times the GPUs for cost)
+    estimate: Estimate
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, **self.estimate.to_dict()}
+
+
+@dataclass
+class SearchResult:
+    plans: list[RankedPlan]
+    certificate: Certificate
+    space_size: int  # configurations in the space
+    solved: int  # configurations CP-SAT solved (the rest were bounded out)
+    spec: object = None
+    clusters: dict = field(default_factory=dict)  # gpus -> Cluster
+
+    @property
+    def best(self) -> RankedPlan:
+        return self.plans[0]
+
+    def to_dict(self) -> dict:
+        return {
+            **self.certificate.to_dict(),
+            "space_configurations": self.space_size,
+            "solved_configurations": self.solved,
+            "plans": [p.to_dict() for p in self.plans],
+        }
+
+
+class _Stop:
+    """Ctrl-C and the deadline stop the running solve and the search after it."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.requested = False
+        self.solver: cp_model.CpSolver | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        if self.solver is not None:
+            self.solver.stop_search()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class Searcher:
+    """One search problem: model, clusters per GPU count, batch and cost settings."""
+
+    def __init__(
+        self,
+        spec,
+        clusters: dict,
+        global_batch: int,
+        seq_len: int,
+        precision: str,
+        pins: dict,
+        objective: str,
+        reserve_bytes: float,
+        imbalance: float,
+        calibration: Calibration | None,
+    ):
+        from tera.planner.trace import trace
+
+        self.spec, self.clusters = spec, clusters
+        self.global_batch, self.seq_len, self.precision = global_batch, seq_len, precision
+        self.objective, self.reserve = objective, reserve_bytes
+        self.imbalance = imbalance
+        self.cal = calibration or Calibration.load()
+        self.graph = trace(spec, seq_len)
+        self.segs = graph_segments(self.graph)
+        any_cluster = next(iter(clusters.values()))
+        self.space = Space(
+            spec, tuple(sorted(clusters)), global_batch, seq_len, any_cluster.scaleup_domain, pins
+        )
+        self._inner: dict[tuple, int] = {}
+        self._pp: dict[tuple, int] = {}
+        self._models: dict[int, CostModel] = {}  # one per GPU count, for its rates
+        self._tables: dict[Config, ConfigTables] = {}
+
+    # -- cost model access -----------------------------------------------------------------
+    def cost_model(self, config: Config, layout: Layout | None = None) -> CostModel:
+        layout = layout or self.space.resolve(config)
+        return CostModel(
+            self.graph,
+            self.clusters[config.gpus],
+            layout,
+            self.global_batch,
+            self.precision,
+            self.imbalance,
+            self.cal,
+        )
+
+    def tables(self, config: Config) -> ConfigTables:
+        if config not in self._tables:
+            self._tables[config] = ConfigTables.build(self.cost_model(config), self.reserve)
+        return self._tables[config]
+
+    def weight(self, config: Config) -> int:
+        return config.gpus if self.objective == "cost" else 1
+
+    # -- bounds ----------------------------------------------------------------------------
+    def lower_bound(self, config: Config) -> int | None:
+        """A step time (ns, times the weight) no candidate of `config` beats, or None
+        when its static memory alone cannot fit on pp GPUs."""
+        c = config
+        totals = self.segs.totals
+        tied = c.pp > 1 and bool(totals["tied_head"].dense_params)
+        dense = sum(totals[k].dense_per_rank(c.tp) for k in ("embedding", "head"))
+        dense += self._blocks(lambda t: t.dense_per_rank(c.tp))
+        if tied:
+            dense += totals["tied_head"].dense_per_rank(c.tp)
+        expert = self._blocks(lambda t: t.expert_params) / (c.ep * c.etp)
+        static = sum(static_bytes(dense, expert, c.zero, zero_shards(c), self.precision))
+        budget = self.clusters[c.gpus].gpu.hbm_bytes - self.reserve
+        if static / c.pp > budget:
+            return None
+        work = self._inner_work(c) + c.pp * self._pp_work(c)
+        m = self.global_batch // (c.dp * c.mbs)
+        per_stage = -(-work // c.pp)
+        pipeline = -(-((m * c.vpp - 1) * per_stage + work) // c.vpp)
+        # max_s optimizer_s >= the mean over stages of the locally updated parameters
+        shards = zero_shards(c) if c.zero >= 1 else (1, 1)
+        local = dense / shards[0] + expert / shards[1]
+        slack = self.segs.layers + len(totals)  # per-segment rounding of the tables, in ns
+        optimizer = ns(self._models[c.gpus].optimizer_seconds(local / c.pp)) - slack
+        return (pipeline + max(optimizer, 0)) * self.weight(c)
+
+    def _blocks(self, value: Callable) -> float:
+        kinds = self.segs.block_kinds
+        return sum(kinds.count(k) * value(self.segs.totals[k]) for k in ("dense", "moe"))
+
+    def _inner_work(self, c: Config) -> int:
+        """ns of every segment's forward and backward per micro-batch (no recompute)."""
+        key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs)
+        if key not in self._inner:
+            model = self.cost_model(c)
+            self._models.setdefault(c.gpus, model)
+            times = model.segment_times
+            counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
+            counts.update(embedding=1, head=1)
+            self._inner[key] = sum(
+                n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in counts.items()
+            )
+        return self._inner[key]
+
+    def _pp_work(self, c: Config) -> int:
+        key = (c.gpus, c.tp, c.cp, c.mbs, c.pp)
+        if key not in self._pp:
+            self._pp[key] = 2 * ns(self.cost_model(c).pp_time() / 2)
+        return self._pp[key]
+
+    # -- branch and bound ---------------------------------------------------------------
+    def run(
+        self,
+        top: int,
+        time_limit: float | None,
+        workers: int,
+        progress: Callable[[str], None] | None,
+    ) -> SearchResult:
+        start = time.monotonic()
+        stop = _Stop(start + (time_limit if time_limit else math.inf))
+        report = progress or (lambda message: None)
+        configs = list(self.space.configs())
+        bounded = []
+        for config in configs:
+            bound = self.lower_bound(config)
+            if bound is not None:
+                bounded.append((bound, config))
+        if not bounded:
+            raise self._infeasible(configs)
+        bounded.sort()
+        report(f"{len(configs)} configurations, {len(bounded)} may fit")
+        previous = signal.signal(signal.SIGINT, stop)
+        try:
+            found, solved, open_bound = self._branch_and_bound(bounded, top, stop, workers, report)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if not found:
+            if stop.requested or stop.left() <= 0:
+                raise SearchError("stopped before any layout was found", "allow more time")
+            raise self._infeasible(configs)
+        plans = [self._plan(i + 1, *f) for i, f in enumerate(found)]
+        best = found[0][2]
+        bound = min(open_bound, best)
+        certificate = Certificate(
+            status="OPTIMAL" if open_bound >= best else "FEASIBLE",
+            objective=self._in_units(best),
+            objective_kind=self.objective,
+            bound=self._in_units(bound),
+            gap=(best - bound) / best if best else 0.0,
+            seconds=time.monotonic() - start,
+        )
+        return SearchResult(plans, certificate, len(configs), solved, self.spec, self.clusters)
+
+    def _branch_and_bound(self, bounded, top, stop, workers, report):
+        """Solve configurations in bound order until the next bound cannot beat the
+        top-th plan. Returns the plans [(config, (partition, recompute), objective)],
+        the configurations solved, and a bound on everything not proven (inf if none)."""
+        found: list = []
+        open_bound = math.inf
+        solved = 0
+        for index, (bound, config) in enumerate(bounded):
+            cutoff = found[-1][2] if len(found) == top else None
+            if cutoff is not None and bound >= cutoff:
+                break  # every configuration left has a bound at least the cutoff
+            if stop.requested or stop.left() <= 0:
+                open_bound = min(open_bound, bound)
+                break
+            solved += 1
+            result, proven_bound = self._solve_one(config, cutoff, stop, workers)
+            if proven_bound is not None:
+                open_bound = min(open_bound, proven_bound)
+            if result is None:
+                continue
+            found.append(result)
+            found.sort(key=lambda f: (f[2], f[0]))
+            del found[top:]
+            if result in found:
+                report(
+                    f"{index + 1}/{len(bounded)}: {config.key()}  {self._in_units(result[2]):.4g}"
+                )
+        return found, solved, open_bound
+
+    def _solve_one(self, config: Config, cutoff: int | None, stop: _Stop, workers: int):
+        """The best partition and recompute of one configuration, if it beats `cutoff`:
+        ((config, (partition, recompute), objective) or None, a bound not proven beaten
+        or None when the solve was conclusive)."""
+        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)])
+        if cutoff is not None:
+            form.model.add(form.objective < cutoff)
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = workers
+        limit = min(stop.left(), SECONDS_PER_CONFIGURATION)
+        solver.parameters.max_time_in_seconds = max(0.01, limit)
+        stop.solver = solver
+        status = solver.solve(form.model)
+        stop.solver = None
+        if status == cp_model.INFEASIBLE:
+            return None, None
+        if status == cp_model.UNKNOWN:
+            return None, max(self.lower_bound(config), math.floor(solver.best_objective_bound))
+        _, partition, recompute = form.chosen(solver)
+        value = round(solver.objective_value)
+        unproven = None if status == cp_model.OPTIMAL else math.floor(solver.best_objective_bound)
+        return (config, (partition, recompute), value), unproven
+
+    # -- results ---------------------------------------------------------------------------
+    def _in_units(self, value_ns: float) -> float:
+        """Seconds per step, or dollars per million tokens for the cost objective."""
+        if self.objective == "step_time":
+            return value_ns * NS
+        tokens = self.global_batch * self.seq_len
+        return value_ns * NS / 3600 * self.price / tokens * 1e6
+
+    price = DEFAULT_PRICE_PER_GPU_HOUR
+
+    def _plan(self, rank: int, config: Config, choice, value: int) -> RankedPlan:
+        partition, recompute = choice
+        layout = self.space.resolve(config, partition, ":".join(recompute))
+        estimate = self.cost_model(config, layout).estimate(self.spec.name, self.reserve)
+        return RankedPlan(rank, config, layout, value, estimate)
+
+    def _infeasible(self, configs) -> SearchError:
+        if not configs:
+            return SearchError(
+                "no layout divides the model, the GPUs and the batch",
+                "change the global batch to a multiple of the data-parallel degree, or the "
+                "GPU count, or drop --fix pins",
+            )
+        return SearchError(
+            "no layout fits in GPU memory",
+            "use more GPUs, a shorter sequence, a smaller global batch, or drop --fix pins "
+            "(full recompute and ZeRO-3 are already in the space)",
+        )
+
+
+def search(
+    model,
+    cluster,
+    global_batch: int,
+    seq_len: int,
+    gpus: int | None = None,
+    precision: str = "bf16",
+    fix: str | dict | None = None,
+    top: int = 1,
+    time_limit: float | None = None,
+    objective: str = "step_time",
+    price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
+    reserve_gib: float = 0.0,
+    imbalance: float = 1.0,
+    calibration: Calibration | None = None,
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Find the `top` best layouts. `model` is a ModelSpec, preset or YAML path; `cluster`
+    a Cluster, preset or YAML path (sized to `gpus`). With objective="cost" the search
+    may also use fewer GPUs (the cluster halved down to one scale-up domain) and
+    minimises dollars per token at `price_per_gpu_hour`."""
+    from tera.models import ModelSpec, load_spec
+    from tera.planner.cost import PRECISIONS
+    from tera.planner.solve.space import parse_pins
+    from tera.topologies import load
+
+    spec = model if isinstance(model, ModelSpec) else load_spec(model)
+    full = load(cluster, gpus=gpus) if not hasattr(cluster, "num_gpus") else cluster
+    if precision not in PRECISIONS:
+        raise LayoutError("precision", f"unknown {precision!r}", f"use {'|'.join(PRECISIONS)}")
+    if objective not in OBJECTIVES:
+        raise LayoutError("objective", f"unknown {objective!r}", f"use {'|'.join(OBJECTIVES)}")
+    for name, value in (("global_batch", global_batch), ("seq_len", seq_len), ("top", top)):
+        if not isinstance(value, int) or value < 1:
+            raise LayoutError(name, f"must be a positive integer, got {value!r}", "fix it")
+    if time_limit is not None and time_limit <= 0:
+        raise LayoutError("time_limit", f"must be positive, got {time_limit}", "fix it")
+    pins = parse_pins(fix) if not isinstance(fix, dict) else dict(fix)
+    counts = [full.num_gpus]
+    if objective == "cost":
+        while counts[-1] % 2 == 0 and counts[-1] // 2 >= full.scaleup_domain:
+            counts.append(counts[-1] // 2)
+    clusters = {n: full if n == full.num_gpus else full.resized(n) for n in counts}
+    searcher = Searcher(
+        spec,
+        clusters,
+        global_batch,
+        seq_len,
+        precision,
+        pins,
+        objective,
+        reserve_gib * 2**30,
+        imbalance,
+        calibration,
+    )
+    searcher.price = price_per_gpu_hour
+    return searcher.run(top, time_limit, workers, progress)

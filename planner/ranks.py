@@ -98,7 +98,6 @@ class MeshShape:
         size = int(np.prod([grid.shape[d] for d in group_dims]))
         return sorted(sorted(g) for g in moved.reshape(-1, size).tolist())
 
-
     def first_group(self, axis: str) -> list[int]:
         """The group of `axis` holding rank 0 (groups of one axis all have its shape)."""
         mesh, members = MERGED_AXES.get(axis, (None, (axis,)))

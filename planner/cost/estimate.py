@@ -147,9 +147,7 @@ class CostModel:
         imbalance: float = 1.0,
         calibration: Calibration | None = None,
     ):
-        from tera.topologies import collectives
-
-        self.collectives = collectives
+        self.collectives = _CachedCollectives(cluster)
         self.graph = graph
         self.spec = graph.graph["spec"]
         self.seq_len = graph.graph["seq_len"]
@@ -162,15 +160,18 @@ class CostModel:
         self.microbatches = global_batch // (layout.dp * layout.mbs)
         mesh = layout.mesh
         self.groups = {
-            axis: mesh.first_group(axis)
+            axis: _as_range(mesh.first_group(axis))
             for axis in ("tp", "cp", "pp", "ep", "dp_cp", "edp_full", "dp_shard")
         }
         # the trace is bf16; fp32 training moves twice the bytes
         self.act_scale = self.weight_scale = 2.0 if precision == "fp32" else 1.0
         self.segs: Segments = graph_segments(graph)
-        self.stages = split_stages(self.segs, layout)
         self.cal = calibration if calibration is not None else Calibration.load()
         self._comm: dict[str, float] = {}  # calibration-free collective seconds
+
+    @functools.cached_property
+    def stages(self) -> list[Stage]:
+        return split_stages(self.segs, self.layout)
 
     def recalibrated(self, calibration: Calibration) -> CostModel:
         """The same problem under other constants; shares the collective-time cache."""
@@ -249,14 +250,14 @@ class CostModel:
         if self.layout.tp == 1:
             return 0.0
         c, group, size = self.collectives, self.groups["tp"], self._activation_bytes()
-        return c.all_gather(self.cluster, group, size) + c.reduce_scatter(self.cluster, group, size)
+        return c("all_gather", group, size) + c("reduce_scatter", group, size)
 
     def _a2a(self) -> float:
         """Seconds of one dispatch (or combine) all-to-all of a micro-batch's routed rows."""
         if self.layout.ep == 1:
             return 0.0
         rows = self._activation_bytes() / self.layout.tp * self.spec["moe"]["top_k"]
-        return self.collectives.all_to_all(self.cluster, self.groups["ep"], rows)
+        return self.collectives("all_to_all", self.groups["ep"], rows)
 
     def _cp_ring(self) -> float:
         """Seconds per micro-batch and block of ring-attention K/V exchange, fwd+bwd."""
@@ -271,7 +272,7 @@ class CostModel:
         chunk = self.layout.mbs * self.seq_len / self.layout.cp * kv_width * 2 * self.act_scale
         chunk /= self.layout.tp
         group = self.groups["cp"]
-        step = self.collectives.send_recv(self.cluster, group[0], group[1], chunk)
+        step = self.collectives("send_recv", group[:2], chunk)
         return (self.layout.cp - 1) * step * 3  # fwd K,V; bwd K,V,dK,dV
 
     def pp_time(self) -> float:
@@ -282,7 +283,7 @@ class CostModel:
         def send() -> float:
             group = self.groups["pp"]
             size = self._activation_bytes() / self.layout.tp
-            return 2 * self.collectives.send_recv(self.cluster, group[0], group[1], size)
+            return 2 * self.collectives("send_recv", group[:2], size)
 
         return self._cached("pp", send)
 
@@ -355,11 +356,11 @@ class CostModel:
             if len(group) == 1 or params == 0:
                 continue
             if L.zero == 0:
-                reduce += c.all_reduce(self.cluster, group, params * grad_bytes)
+                reduce += c("all_reduce", group, params * grad_bytes)
             else:
-                reduce += c.reduce_scatter(self.cluster, group, params * grad_bytes)
+                reduce += c("reduce_scatter", group, params * grad_bytes)
                 gathers = 2 * self.microbatches if L.zero == 3 else 1
-                gather += gathers * c.all_gather(self.cluster, group, params * weight_bytes)
+                gather += gathers * c("all_gather", group, params * weight_bytes)
         if L.zero == 3:
             reduce *= self.microbatches  # FSDP reduce-scatters every micro-batch
         return reduce, gather
@@ -461,6 +462,39 @@ class CostModel:
 
 
 _SEGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COLLECTIVE_TIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_range(group: list[int]) -> range | list[int]:
+    """A group as a range where its ranks are evenly spaced (the first group of every
+    axis is), so that it hashes in O(1) in the collective cache."""
+    if len(group) < 2:
+        return range(group[0], group[0] + 1)
+    step = group[1] - group[0]
+    ranks = range(group[0], group[-1] + 1, step)
+    return ranks if list(ranks) == group else group
+
+
+class _CachedCollectives:
+    """Collective seconds on one cluster, memoised across cost models: the solver builds
+    thousands of models whose groups and message sizes repeat."""
+
+    def __init__(self, cluster):
+        from tera.topologies import collectives
+
+        self.cluster = cluster
+        self.module = collectives
+        self.times = _COLLECTIVE_TIMES.setdefault(cluster, {})
+
+    def __call__(self, name: str, group: list[int], nbytes: float) -> float:
+        key = (name, group if isinstance(group, range) else tuple(group), nbytes)
+        if key not in self.times:
+            if name == "send_recv":
+                seconds = self.module.send_recv(self.cluster, group[0], group[1], nbytes)
+            else:
+                seconds = getattr(self.module, name)(self.cluster, group, nbytes)
+            self.times[key] = seconds
+        return self.times[key]
 
 
 def graph_segments(graph) -> Segments:

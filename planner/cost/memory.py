@@ -72,6 +72,22 @@ def zero_shards(layout) -> tuple[int, int]:
     return dense, expert
 
 
+def static_bytes(
+    dense: float, expert: float, zero: int, shards: tuple[int, int], precision: str
+) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes of `dense` and `expert` parameters
+    per rank (before ZeRO) under ZeRO stage `zero` over `shards` (zero_shards)."""
+    dense_shards, expert_shards = shards
+
+    def sharded(stage_zero: int) -> float:
+        if zero >= stage_zero:
+            return dense / dense_shards + expert / expert_shards
+        return dense + expert
+
+    w_bytes, g_bytes, o_bytes = BYTES_PER_PARAM[precision]
+    return w_bytes * sharded(3), g_bytes * sharded(2), o_bytes * sharded(1)
+
+
 def in_flight_chunks(stage: int, pp: int, vpp: int, microbatches: int) -> int:
     """Virtual-chunk activations stage `stage` holds at its peak (Megatron's warm-up
     count plus the one in steady state): 1F1B holds pp - stage micro-batches; the
@@ -106,6 +122,7 @@ class MemoryModel:
         top_k: int,
     ):
         self.segs, self.layout, self.microbatches = segs, layout, microbatches
+        self.precision = precision
         self.w_bytes, self.g_bytes, self.o_bytes = BYTES_PER_PARAM[precision]
         tp, cp = layout.tp, layout.cp
         self.shards = zero_shards(layout)
@@ -139,14 +156,7 @@ class MemoryModel:
 
     def static_bytes(self, dense: float, expert: float) -> tuple[float, float, float]:
         """(weights, gradients, optimizer state) bytes of this many parameters per rank."""
-        zero, (dense_shards, expert_shards) = self.layout.zero, self.shards
-
-        def sharded(stage_zero: int) -> float:
-            if zero >= stage_zero:
-                return dense / dense_shards + expert / expert_shards
-            return dense + expert
-
-        return self.w_bytes * sharded(3), self.g_bytes * sharded(2), self.o_bytes * sharded(1)
+        return static_bytes(dense, expert, self.layout.zero, self.shards, self.precision)
 
     def stage(self, stage: Stage) -> StageMemory:
         L, counts, seg = self.layout, stage.counts, self.segment

@@ -24,6 +24,7 @@ plan found with its bound and gap.
 
 from __future__ import annotations
 
+import heapq
 import math
 import signal
 import time
@@ -34,11 +35,11 @@ from ortools.sat.python import cp_model
 
 from tera.planner.cost.calibration import Calibration
 from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
-from tera.planner.cost.memory import static_bytes, zero_shards
 from tera.planner.layout import Layout, LayoutError
+from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
 from tera.planner.solve.space import Config, Space
-from tera.planner.solve.tables import NS, ConfigTables, ns
+from tera.planner.solve.tables import NS, ConfigTables
 
 OBJECTIVES = ("step_time", "cost")
 # A configuration whose CP-SAT solve takes longer than this is left open (its bound
@@ -157,10 +158,8 @@ class Searcher:
         self.space = Space(
             spec, tuple(sorted(clusters)), global_batch, seq_len, any_cluster.scaleup_domain, pins
         )
-        self._inner: dict[tuple, int] = {}
-        self._pp: dict[tuple, int] = {}
-        self._models: dict[int, CostModel] = {}  # one per GPU count, for its rates
         self._tables: dict[Config, ConfigTables] = {}
+        self.bounds = Bounds(self)
 
     # -- cost model access -----------------------------------------------------------------
     def cost_model(self, config: Config, layout: Layout | None = None) -> CostModel:
@@ -183,57 +182,6 @@ class Searcher:
     def weight(self, config: Config) -> int:
         return config.gpus if self.objective == "cost" else 1
 
-    # -- bounds ----------------------------------------------------------------------------
-    def lower_bound(self, config: Config) -> int | None:
-        """A step time (ns, times the weight) no candidate of `config` beats, or None
-        when its static memory alone cannot fit on pp GPUs."""
-        c = config
-        totals = self.segs.totals
-        tied = c.pp > 1 and bool(totals["tied_head"].dense_params)
-        dense = sum(totals[k].dense_per_rank(c.tp) for k in ("embedding", "head"))
-        dense += self._blocks(lambda t: t.dense_per_rank(c.tp))
-        if tied:
-            dense += totals["tied_head"].dense_per_rank(c.tp)
-        expert = self._blocks(lambda t: t.expert_params) / (c.ep * c.etp)
-        static = sum(static_bytes(dense, expert, c.zero, zero_shards(c), self.precision))
-        budget = self.clusters[c.gpus].gpu.hbm_bytes - self.reserve
-        if static / c.pp > budget:
-            return None
-        work = self._inner_work(c) + c.pp * self._pp_work(c)
-        m = self.global_batch // (c.dp * c.mbs)
-        per_stage = -(-work // c.pp)
-        pipeline = -(-((m * c.vpp - 1) * per_stage + work) // c.vpp)
-        # max_s optimizer_s >= the mean over stages of the locally updated parameters
-        shards = zero_shards(c) if c.zero >= 1 else (1, 1)
-        local = dense / shards[0] + expert / shards[1]
-        slack = self.segs.layers + len(totals)  # per-segment rounding of the tables, in ns
-        optimizer = ns(self._models[c.gpus].optimizer_seconds(local / c.pp)) - slack
-        return (pipeline + max(optimizer, 0)) * self.weight(c)
-
-    def _blocks(self, value: Callable) -> float:
-        kinds = self.segs.block_kinds
-        return sum(kinds.count(k) * value(self.segs.totals[k]) for k in ("dense", "moe"))
-
-    def _inner_work(self, c: Config) -> int:
-        """ns of every segment's forward and backward per micro-batch (no recompute)."""
-        key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs)
-        if key not in self._inner:
-            model = self.cost_model(c)
-            self._models.setdefault(c.gpus, model)
-            times = model.segment_times
-            counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
-            counts.update(embedding=1, head=1)
-            self._inner[key] = sum(
-                n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in counts.items()
-            )
-        return self._inner[key]
-
-    def _pp_work(self, c: Config) -> int:
-        key = (c.gpus, c.tp, c.cp, c.mbs, c.pp)
-        if key not in self._pp:
-            self._pp[key] = 2 * ns(self.cost_model(c).pp_time() / 2)
-        return self._pp[key]
-
     # -- branch and bound ---------------------------------------------------------------
     def run(
         self,
@@ -246,18 +194,18 @@ class Searcher:
         stop = _Stop(start + (time_limit if time_limit else math.inf))
         report = progress or (lambda message: None)
         configs = list(self.space.configs())
-        bounded = []
+        queue = []
         for config in configs:
-            bound = self.lower_bound(config)
+            bound = self.bounds.quick(config)
             if bound is not None:
-                bounded.append((bound, config))
-        if not bounded:
+                queue.append((bound * self.weight(config), False, config))
+        if not queue:
             raise self._infeasible(configs)
-        bounded.sort()
-        report(f"{len(configs)} configurations, {len(bounded)} may fit")
+        heapq.heapify(queue)
+        report(f"{len(configs)} configurations, {len(queue)} may fit")
         previous = signal.signal(signal.SIGINT, stop)
         try:
-            found, solved, open_bound = self._branch_and_bound(bounded, top, stop, workers, report)
+            found, solved, open_bound = self._branch_and_bound(queue, top, stop, workers, report)
         finally:
             signal.signal(signal.SIGINT, previous)
         if not found:
@@ -277,20 +225,31 @@ class Searcher:
         )
         return SearchResult(plans, certificate, len(configs), solved, self.spec, self.clusters)
 
-    def _branch_and_bound(self, bounded, top, stop, workers, report):
-        """Solve configurations in bound order until the next bound cannot beat the
-        top-th plan. Returns the plans [(config, (partition, recompute), objective)],
-        the configurations solved, and a bound on everything not proven (inf if none)."""
+    def _branch_and_bound(self, queue, top, stop, workers, report):
+        """Solve configurations in bound order until the smallest bound left cannot beat
+        the top-th plan. A configuration first popped with its quick bound gets its
+        memory bound and goes back in the queue if that is larger. Returns the plans
+        [(config, (partition, recompute), objective)], the configurations CP-SAT solved,
+        and a bound on everything not proven (inf if none)."""
         found: list = []
         open_bound = math.inf
         solved = 0
-        for index, (bound, config) in enumerate(bounded):
+        while queue:
+            bound, tightened, config = queue[0]
             cutoff = found[-1][2] if len(found) == top else None
             if cutoff is not None and bound >= cutoff:
                 break  # every configuration left has a bound at least the cutoff
             if stop.requested or stop.left() <= 0:
                 open_bound = min(open_bound, bound)
                 break
+            heapq.heappop(queue)
+            if not tightened:
+                tighter = self.bounds.memory(config)
+                if tighter is not None:
+                    heapq.heappush(queue, (tighter * self.weight(config), True, config))
+                continue
+            if cutoff is not None and bound + self._dp_floor(config) >= cutoff:
+                continue
             solved += 1
             result, proven_bound = self._solve_one(config, cutoff, stop, workers)
             if proven_bound is not None:
@@ -301,16 +260,24 @@ class Searcher:
             found.sort(key=lambda f: (f[2], f[0]))
             del found[top:]
             if result in found:
-                report(
-                    f"{index + 1}/{len(bounded)}: {config.key()}  {self._in_units(result[2]):.4g}"
-                )
+                report(f"{solved} solved: {config.key()}  {self._in_units(result[2]):.4g}")
         return found, solved, open_bound
+
+    def _dp_floor(self, config: Config) -> int:
+        """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
+        stages' floors), which the bounds leave out because it needs the tables."""
+        t = self.tables(config)
+        counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
+        counts.update(embedding=1, head=1, tied_head=int(config.pp > 1))
+        floor = sum(n * t.exposed_floor[k] for k, n in counts.items())
+        return floor // config.pp * self.weight(config)
 
     def _solve_one(self, config: Config, cutoff: int | None, stop: _Stop, workers: int):
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
         or None when the solve was conclusive)."""
-        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)])
+        cuts = [self.bounds.recompute_cuts(config, s) for s in range(config.pp)]
+        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)], [cuts])
         if cutoff is not None:
             form.model.add(form.objective < cutoff)
         solver = cp_model.CpSolver()
@@ -323,7 +290,8 @@ class Searcher:
         if status == cp_model.INFEASIBLE:
             return None, None
         if status == cp_model.UNKNOWN:
-            return None, max(self.lower_bound(config), math.floor(solver.best_objective_bound))
+            bound = self.bounds.memory(config) * self.weight(config)
+            return None, max(bound, math.floor(solver.best_objective_bound))
         _, partition, recompute = form.chosen(solver)
         value = round(solver.objective_value)
         unproven = None if status == cp_model.OPTIMAL else math.floor(solver.best_objective_bound)

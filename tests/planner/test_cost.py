@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from tera.planner import evaluate
 from tera.planner.cost.memory import in_flight_chunks
 from tera.planner.cost.stages import chunk_bounds
-from tera.planner.layout import even_partition
-from tera.planner.layout import LayoutError
+from tera.planner.layout import LayoutError, even_partition
 
 
 def test_done_when_deepseek_v3_on_h800():

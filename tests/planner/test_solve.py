@@ -213,3 +213,28 @@ def test_candidate_count_matches_enumeration():
     s = searcher(spec, cluster, 8, 64, parse_pins("cp=1,mbs=1"))
     total = sum(candidates(c, spec.layers) for c in s.space.configs())
     assert enumerate_space(s).candidates == total
+
+
+@pytest.mark.parametrize("hbm_gb", [0.008, 0.012, 1.0])
+def test_bounds_never_exceed_the_best_candidate_of_a_configuration(hbm_gb):
+    """Both bounds are below the enumerated optimum of every configuration, and the
+    memory bound refuses only configurations where nothing fits."""
+    spec, cluster = variant(4, 1, 8, True), small_cluster(8, hbm_gb)
+    s = searcher(spec, cluster, 16, 128)
+    tight = 0
+    for config in s.space.configs():
+        t = s.tables(config)
+        best = None
+        for partition in compositions(4, config.pp * config.vpp):
+            for recompute in itertools.product(MODES, repeat=config.pp):
+                step = t.step_ns(stages_of(s.segs, config, partition, recompute))
+                if step is not None and (best is None or step < best):
+                    best = step
+        quick, memory = s.bounds.quick(config), s.bounds.memory(config)
+        if best is None:
+            continue
+        assert quick is not None and memory is not None, config
+        assert quick <= memory <= best, config
+        tight += memory > quick
+    if hbm_gb < 0.01:
+        assert tight > 0  # memory pressure makes the memory bound bite

@@ -1,0 +1,280 @@
+"""Lower bounds on the step time of a configuration, for the search to skip configurations.
+
+Two bounds, both in the integer units of tables.py (ns), both valid for every partition
+and recompute assignment of the configuration:
+
+`quick`   the pipeline formula with all blocks' forward and backward (no recompute)
+          spread perfectly over the stages (max_s T_s >= sum_s T_s / pp), plus the
+          optimizer step of the mean stage (max_s O_s >= sum_s O_s / pp). Cheap: it reads
+          per-degree figures memoised across configurations.
+`memory`  `quick` with the slowest stage at least what whole blocks allow: the least T
+          for which the stages, each in one recompute mode r, host every block with
+          k_s <= cap_s,r (memory) and fixed_s + k_s * (block + rec_r) <= T (time), fixed_s
+          the stage's embedding, head and pipeline transfers; plus the least recompute
+          work that memory forces, from a relaxation in which
+          blocks are fluid: stage s has a budget B_s (its share of HBM less what it holds
+          whatever the partition: embedding or head, buffers), a block in mode r costs
+          vpp*static + inflight_s*saved_r of it and rec_r of time, and modes may mix within
+          a stage. The least recompute time to host k blocks on a stage is then the lower
+          convex hull of (0, 0), (cap_none, 0), (cap_sel, rec_sel*cap_sel) and
+          (cap_full, rec_full*cap_full), with cap_r = B_s / (vpp*static + inflight_s*saved_r),
+          and spreading the blocks over the stages at least cost is a greedy fill of the
+          hulls' pieces by slope (each hull is convex). Blocks of one kind are bounded with
+          the other kind dropped (its memory and time only add), and the larger of the
+          two bounds holds. None when even full recompute cannot host the blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from tera.planner.cost.memory import in_flight_chunks, static_bytes, zero_shards
+from tera.planner.solve.space import Config
+from tera.planner.solve.tables import MODES, ns
+
+
+class Bounds:
+    """Bounds for the configurations of one Searcher (see the module docstring)."""
+
+    def __init__(self, searcher):
+        self.s = searcher
+        self.segs = searcher.segs
+        self.counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
+        self._inner: dict[tuple, object] = {}
+        self._pp: dict[tuple, int] = {}
+        self._statics: dict[tuple, float] = {}
+
+    def _model(self, c: Config):
+        """A cost model with c's inner degrees (segment times and memory depend on
+        nothing else), memoised."""
+        key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs)
+        if key not in self._inner:
+            self._inner[key] = self.s.cost_model(c)
+        return self._inner[key]
+
+    def _pp_work(self, c: Config) -> int:
+        key = (c.gpus, c.tp, c.cp, c.mbs, c.pp)
+        if key not in self._pp:
+            self._pp[key] = 2 * ns(self.s.cost_model(c).pp_time() / 2)
+        return self._pp[key]
+
+    def _static(self, c: Config, kind: str) -> float:
+        """Weights, gradients and optimizer bytes of one segment of `kind` per rank."""
+        key = (c.gpus, c.tp, c.cp, c.pp, c.ep, c.etp, c.zero, c.dp_replicate, kind)
+        if key not in self._statics:
+            seg = self._model(c).memory_model.segment[kind]
+            shards = zero_shards(c)
+            self._statics[key] = sum(
+                static_bytes(seg.dense, seg.expert, c.zero, shards, self.s.precision)
+            )
+        return self._statics[key]
+
+    def quick(self, c: Config) -> int | None:
+        """The cheap bound, or None when the static memory alone cannot fit."""
+        model = self._model(c)
+        kinds = {**self.counts, "embedding": 1, "head": 1}
+        work = self._work(c)
+        static = sum(n * self._static(c, k) for k, n in kinds.items())
+        if c.pp > 1:
+            kinds["tied_head"] = 1
+            static += self._static(c, "tied_head")
+        if static / c.pp > self._budget(c):
+            return None
+        seg = model.memory_model.segment
+        shards = zero_shards(c) if c.zero >= 1 else (1, 1)
+        local = sum(
+            n * (seg[k].dense / shards[0] + seg[k].expert / shards[1]) for k, n in kinds.items()
+        )
+        slack = self.segs.layers + len(kinds)  # per-segment rounding of the tables, in ns
+        optimizer = max(ns(model.optimizer_seconds(local / c.pp)) - slack, 0)
+        return self._pipeline(c, work) + optimizer
+
+    def memory(self, c: Config) -> int | None:
+        """The bound with memory-forced recompute, or None when nothing can host the
+        blocks."""
+        quick = self.quick(c)
+        if quick is None:
+            return None
+        extra = 0.0
+        for kind, n in self.counts.items():
+            if n:
+                needed = self._least_recompute(c, kind, n)
+                if needed is None:
+                    return None
+                extra = max(extra, needed)
+        # the recompute adds to the work the pipeline spreads, and whole blocks may not
+        # balance the stages as well as fluid work: re-derive the pipeline term
+        times = self._model(c).segment_times
+        work = self._work(c)
+        fixed = [self._pp_work(c)] * c.pp
+        fixed[0] += ns(times["embedding"].forward) + ns(times["embedding"].backward)
+        fixed[-1] += ns(times["head"].forward) + ns(times["head"].backward)
+        slowest = 0
+        for kind, n in self.counts.items():
+            if n:
+                stage = self._slowest_stage(c, kind, n, fixed)
+                if stage is None:
+                    return None
+                slowest = max(slowest, stage)
+        added = self._pipeline(c, work + math.floor(extra), slowest) - self._pipeline(c, work)
+        return quick + added
+
+    def _work(self, c: Config) -> int:
+        """ns of every segment's forward and backward per micro-batch, no recompute."""
+        times = self._model(c).segment_times
+        kinds = {**self.counts, "embedding": 1, "head": 1}
+        work = sum(n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in kinds.items())
+        return work + c.pp * self._pp_work(c)
+
+    def _pipeline(self, c: Config, work: int, slowest: int = 0) -> int:
+        """The pipeline term for total stage work `work` and a slowest stage of at least
+        `slowest` (and at least the mean)."""
+        m = self.s.global_batch // (c.dp * c.mbs)
+        per_stage = max(-(-work // c.pp), slowest)
+        return -(-((m * c.vpp - 1) * per_stage + work) // c.vpp)
+
+    def _budget(self, c: Config) -> float:
+        return self.s.clusters[c.gpus].gpu.hbm_bytes - self.s.reserve
+
+    def _least_recompute(self, c: Config, kind: str, blocks: int) -> float | None:
+        """ns of recompute that hosting `blocks` blocks of `kind` needs at least."""
+        pieces = []
+        for stage in range(c.pp):
+            pieces += _hull_pieces(self._stage_points(c, stage, (kind,)))
+        pieces.sort()
+        need, cost = float(blocks), 0.0
+        for slope, length in pieces:
+            take = min(length, need)
+            cost += slope * take
+            need -= take
+            if need <= 1e-9:
+                return cost
+        return None
+
+    def _slowest_stage(self, c: Config, kind: str, blocks: int, fixed: list[int]) -> int | None:
+        """The least T such that the stages can host `blocks` whole blocks of `kind`
+        (the other kind dropped) with every stage in one recompute mode, within its
+        memory, and no stage slower than T (fixed: each stage's time without blocks)."""
+        model = self._model(c)
+        times = model.segment_times[kind]
+        block = {r: ns(times.forward) + ns(times.backward) + ns(times.recompute[r]) for r in MODES}
+        caps = [self._caps(c, stage, kind) for stage in range(c.pp)]
+        if sum(max(cap.values()) for cap in caps) < blocks:
+            return None
+
+        def hosted(limit: int) -> int:
+            return sum(
+                max(
+                    min(cap[r], max(0, (limit - f) // block[r]) if block[r] else cap[r])
+                    for r in MODES
+                )
+                for cap, f in zip(caps, fixed, strict=True)
+            )
+
+        lo, hi = max(fixed), max(fixed) + blocks * max(block.values())
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hosted(mid) >= blocks:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _caps(self, c: Config, stage: int, kind: str) -> dict[str, int]:
+        """Blocks of `kind` a stage can hold in each recompute mode, counting what such a
+        stage holds whatever its partition (embedding or head, buffers, gathered and
+        working blocks)."""
+        model = self._model(c)
+        memory, seg = model.memory_model, model.memory_model.segment
+        m = self.s.global_batch // (c.dp * c.mbs)
+        inflight = in_flight_chunks(stage, c.pp, c.vpp, m)
+        held = self._held(c, stage)
+        fixed = memory.buffers([*held, kind]) + sum(self._static(c, k) for k in held)
+        budget = c.vpp * (self._budget(c) - fixed)
+        budget -= inflight * sum(seg[k].saved["none"] for k in held)
+        caps = {}
+        for r in MODES:
+            left = budget - (c.vpp * seg[kind].working if r == "full" else 0)
+            per_block = c.vpp * self._static(c, kind) + inflight * seg[kind].saved[r]
+            caps[r] = max(0, math.floor(left / per_block)) if per_block > 0 else 10**9
+        return caps
+
+    def _held(self, c: Config, stage: int) -> list[str]:
+        """Segments a stage holds whatever the partition."""
+        held = []
+        if stage == 0:
+            held.append("embedding")
+        if stage == c.pp - 1:
+            held += ["head", "tied_head"] if c.pp > 1 else ["head"]
+        return held
+
+    def recompute_cuts(self, c: Config, stage: int) -> list[tuple[float, float]]:
+        """Lines (slope, intercept): the recompute ns of a stage holding n blocks is at
+        least slope * n + intercept for each, and n is at most the last piece's end
+        (returned as slope inf). Every block is given the smallest memory and recompute
+        time of the kinds, so the lines hold whatever kinds the stage holds."""
+        points = self._stage_points(c, stage, tuple(k for k, n in self.counts.items() if n))
+        lines, x = [], 0.0
+        for slope, length in _hull_pieces(points):
+            y = _hull_value(points, x)
+            lines.append((slope, y - slope * x))
+            x += length
+        lines.append((math.inf, x))
+        return lines
+
+    def _stage_points(self, c: Config, stage: int, kinds: tuple[str, ...]):
+        """(blocks, recompute ns) when a stage's budget is spent on blocks in one mode,
+        for each mode, plus the origin: the hull of these bounds the stage's recompute."""
+        model = self._model(c)
+        seg = model.memory_model.segment
+        m = self.s.global_batch // (c.dp * c.mbs)
+        inflight = in_flight_chunks(stage, c.pp, c.vpp, m)
+        held = self._held(c, stage)
+        fixed = model.memory_model.buffers([]) + sum(self._static(c, k) for k in held)
+        budget = c.vpp * (self._budget(c) - fixed)
+        budget -= inflight * sum(seg[k].saved["none"] for k in held)
+        points = [(0.0, 0.0)]
+        if budget <= 0:
+            return points
+        for r in MODES:
+            per_block = min(c.vpp * self._static(c, k) + inflight * seg[k].saved[r] for k in kinds)
+            rec = min(ns(model.segment_times[k].recompute[r]) for k in kinds)
+            cap = budget / per_block
+            points.append((cap, rec * cap))
+        return points
+
+
+def _hull_value(points: list[tuple[float, float]], x: float) -> float:
+    """The lower convex hull of `points` at x (within their x range)."""
+    best = math.inf
+    for x1, y1 in points:
+        for x2, y2 in points:
+            if x1 <= x <= x2 and x2 > x1:
+                best = min(best, y1 + (y2 - y1) * (x - x1) / (x2 - x1))
+            elif x1 == x:
+                best = min(best, y1)
+    return best
+
+
+def _hull_pieces(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(slope, length) of the lower convex hull of points sorted by x, from x = 0 to the
+    largest x; the first point is the origin."""
+    lowest: dict[float, float] = {}
+    for x, y in points:
+        lowest[x] = min(y, lowest.get(x, y))
+    points = sorted(lowest.items())
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                hull.pop()  # hull[-1] lies on or above the segment hull[-2] -> p
+            else:
+                break
+        hull.append(p)
+    return [
+        ((y2 - y1) / (x2 - x1), x2 - x1)
+        for (x1, y1), (x2, y2) in itertools.pairwise(hull)
+        if x2 > x1
+    ]

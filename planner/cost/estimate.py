@@ -46,6 +46,8 @@ import functools
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
 from tera.planner.cost.memory import MemoryModel, StageMemory, zero_shards
 from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage, segments, split_stages
@@ -471,8 +473,8 @@ def _as_range(group: list[int]) -> range | list[int]:
     if len(group) < 2:
         return range(group[0], group[0] + 1)
     step = group[1] - group[0]
-    ranks = range(group[0], group[-1] + 1, step)
-    return ranks if list(ranks) == group else group
+    even = step > 0 and bool((np.diff(np.asarray(group)) == step).all())
+    return range(group[0], group[-1] + 1, step) if even else group
 
 
 class _CachedCollectives:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
+
 from tera.planner.cost.memory import in_flight_chunks, static_bytes, zero_shards
 from tera.planner.solve.space import Config
 from tera.planner.solve.tables import MODES, ns
@@ -44,6 +46,7 @@ class Bounds:
         self._inner: dict[tuple, object] = {}
         self._pp: dict[tuple, int] = {}
         self._statics: dict[tuple, float] = {}
+        self._cap_cache: dict[tuple, dict[str, int]] = {}
 
     def _model(self, c: Config):
         """A cost model with c's inner degrees (segment times and memory depend on
@@ -141,7 +144,7 @@ class Bounds:
         """ns of recompute that hosting `blocks` blocks of `kind` needs at least."""
         pieces = []
         for stage in range(c.pp):
-            pieces += _hull_pieces(self._stage_points(c, stage, (kind,)))
+            pieces += _hull_pieces(self._stage_points(c, stage, kind))
         pieces.sort()
         need, cost = float(blocks), 0.0
         for slope, length in pieces:
@@ -159,32 +162,33 @@ class Bounds:
         model = self._model(c)
         times = model.segment_times[kind]
         block = {r: ns(times.forward) + ns(times.backward) + ns(times.recompute[r]) for r in MODES}
-        caps = [self._caps(c, stage, kind) for stage in range(c.pp)]
-        if sum(max(cap.values()) for cap in caps) < blocks:
+        caps = np.array(
+            [list(self._caps(c, stage, kind).values()) for stage in range(c.pp)]
+        )  # stage x mode, modes in MODES order
+        if caps.max(axis=1).sum() < blocks:
             return None
-
-        def hosted(limit: int) -> int:
-            return sum(
-                max(
-                    min(cap[r], max(0, (limit - f) // block[r]) if block[r] else cap[r])
-                    for r in MODES
-                )
-                for cap, f in zip(caps, fixed, strict=True)
-            )
-
-        lo, hi = max(fixed), max(fixed) + blocks * max(block.values())
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if hosted(mid) >= blocks:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        # t_s(k) = fixed_s + k * (the fastest block time among modes that fit k blocks)
+        # increases with k, so the least T hosting `blocks` blocks is the blocks-th
+        # smallest t_s(k) over all stages s and k >= 1 (and at least every fixed_s).
+        k = np.arange(1, blocks + 1)
+        fastest = np.full((c.pp, blocks), np.inf)
+        for r, mode in enumerate(MODES):
+            fits = k[None, :] <= caps[:, r : r + 1]
+            fastest = np.where(fits, np.minimum(fastest, block[mode]), fastest)
+        times = np.asarray(fixed, dtype=float)[:, None] + k[None, :] * fastest
+        kth = np.partition(times.ravel(), blocks - 1)[blocks - 1]
+        return max(max(fixed), int(kth))
 
     def _caps(self, c: Config, stage: int, kind: str) -> dict[str, int]:
         """Blocks of `kind` a stage can hold in each recompute mode, counting what such a
         stage holds whatever its partition (embedding or head, buffers, gathered and
         working blocks)."""
+        key = (c, stage, kind)
+        if key not in self._cap_cache:
+            self._cap_cache[key] = self._count_caps(c, stage, kind)
+        return self._cap_cache[key]
+
+    def _count_caps(self, c: Config, stage: int, kind: str) -> dict[str, int]:
         model = self._model(c)
         memory, seg = model.memory_model, model.memory_model.segment
         m = self.s.global_batch // (c.dp * c.mbs)
@@ -209,52 +213,13 @@ class Bounds:
             held += ["head", "tied_head"] if c.pp > 1 else ["head"]
         return held
 
-    def recompute_cuts(self, c: Config, stage: int) -> list[tuple[float, float]]:
-        """Lines (slope, intercept): the recompute ns of a stage holding n blocks is at
-        least slope * n + intercept for each, and n is at most the last piece's end
-        (returned as slope inf). Every block is given the smallest memory and recompute
-        time of the kinds, so the lines hold whatever kinds the stage holds."""
-        points = self._stage_points(c, stage, tuple(k for k, n in self.counts.items() if n))
-        lines, x = [], 0.0
-        for slope, length in _hull_pieces(points):
-            y = _hull_value(points, x)
-            lines.append((slope, y - slope * x))
-            x += length
-        lines.append((math.inf, x))
-        return lines
-
-    def _stage_points(self, c: Config, stage: int, kinds: tuple[str, ...]):
-        """(blocks, recompute ns) when a stage's budget is spent on blocks in one mode,
-        for each mode, plus the origin: the hull of these bounds the stage's recompute."""
-        model = self._model(c)
-        seg = model.memory_model.segment
-        m = self.s.global_batch // (c.dp * c.mbs)
-        inflight = in_flight_chunks(stage, c.pp, c.vpp, m)
-        held = self._held(c, stage)
-        fixed = model.memory_model.buffers([]) + sum(self._static(c, k) for k in held)
-        budget = c.vpp * (self._budget(c) - fixed)
-        budget -= inflight * sum(seg[k].saved["none"] for k in held)
-        points = [(0.0, 0.0)]
-        if budget <= 0:
-            return points
-        for r in MODES:
-            per_block = min(c.vpp * self._static(c, k) + inflight * seg[k].saved[r] for k in kinds)
-            rec = min(ns(model.segment_times[k].recompute[r]) for k in kinds)
-            cap = budget / per_block
-            points.append((cap, rec * cap))
-        return points
-
-
-def _hull_value(points: list[tuple[float, float]], x: float) -> float:
-    """The lower convex hull of `points` at x (within their x range)."""
-    best = math.inf
-    for x1, y1 in points:
-        for x2, y2 in points:
-            if x1 <= x <= x2 and x2 > x1:
-                best = min(best, y1 + (y2 - y1) * (x - x1) / (x2 - x1))
-            elif x1 == x:
-                best = min(best, y1)
-    return best
+    def _stage_points(self, c: Config, stage: int, kind: str):
+        """(blocks, recompute ns) when a stage holds as many blocks of `kind` as fit in one
+        mode, for each mode, plus the origin: their lower hull bounds the stage's recompute
+        for any number of blocks, modes mixed."""
+        rec = self._model(c).segment_times[kind].recompute
+        caps = self._caps(c, stage, kind)
+        return [(0.0, 0.0)] + [(caps[r], ns(rec[r]) * caps[r]) for r in MODES]
 
 
 def _hull_pieces(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

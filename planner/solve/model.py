@@ -35,7 +35,6 @@ model is exact, not a relaxation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
@@ -62,15 +61,8 @@ class Shape:
 
 
 class Formulation:
-    def __init__(
-        self,
-        segs: Segments,
-        tables: list[ConfigTables],
-        weights: list[int],
-        cuts: list[list[list[tuple[float, float]]]] | None = None,
-    ):
+    def __init__(self, segs: Segments, tables: list[ConfigTables], weights: list[int]):
         self.segs = segs
-        self.cuts = cuts
         self.model = cp_model.CpModel()
         self.tables = tables
         self.weights = weights
@@ -91,8 +83,8 @@ class Formulation:
             for x, w in zip(self.choose, weights, strict=True):
                 self.model.add(self.objective >= w * step).only_enforce_if(x)
             self.model.minimize(self.objective)
-        for k, (x, t) in enumerate(zip(self.choose, tables, strict=True)):
-            self._add_config(x, t, cuts[k] if cuts else None)
+        for x, t in zip(self.choose, tables, strict=True):
+            self._add_config(x, t)
 
     # -- bounds ----------------------------------------------------------------------------
     def _step_bound(self, t: ConfigTables) -> int:
@@ -167,7 +159,7 @@ class Formulation:
         return shape
 
     # -- one configuration ------------------------------------------------------------------
-    def _add_config(self, x, t: ConfigTables, cuts) -> None:
+    def _add_config(self, x, t: ConfigTables) -> None:
         c = t.config
         shape = self.shape(c.pp, c.vpp)
         m, vpp, mb = self.model, c.vpp, t.microbatches
@@ -181,18 +173,8 @@ class Formulation:
 
             forward = t.pp_forward + linear(t.forward)
             backward = t.pp_backward + linear(t.backward)
-            recompute = sum(t.recompute[k][r] * prod[k, r] for k in BLOCKS for r in MODES)
-            backward += recompute
+            backward += sum(t.recompute[k][r] * prod[k, r] for k in BLOCKS for r in MODES)
             total = forward + backward
-            for slope, intercept in cuts[s] if cuts else []:
-                blocks = count["dense"] + count["moe"]
-                if math.isinf(slope):  # the most blocks the stage can hold
-                    m.add(blocks <= math.floor(intercept + 1e-6)).only_enforce_if(x)
-                else:  # integer rounding keeps the cut valid: recompute is a sum of ints
-                    m.add(
-                        1024 * recompute
-                        >= round(1024 * slope) * blocks + math.floor(1024 * intercept) - 1024
-                    ).only_enforce_if(x)
             totals.append(total)
             m.add(self.tmax >= total).only_enforce_if(x)
 

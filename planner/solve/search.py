@@ -39,7 +39,7 @@ from tera.planner.layout import Layout, LayoutError
 from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
 from tera.planner.solve.space import Config, Space
-from tera.planner.solve.tables import NS, ConfigTables
+from tera.planner.solve.tables import NS, ConfigTables, exposed_floors
 
 OBJECTIVES = ("step_time", "cost")
 # A configuration whose CP-SAT solve takes longer than this is left open (its bound
@@ -265,19 +265,18 @@ class Searcher:
 
     def _dp_floor(self, config: Config) -> int:
         """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
-        stages' floors), which the bounds leave out because it needs the tables."""
-        t = self.tables(config)
+        stages' floors), from the configuration's data-parallel collectives."""
+        floors = exposed_floors(self.cost_model(config))
         counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
         counts.update(embedding=1, head=1, tied_head=int(config.pp > 1))
-        floor = sum(n * t.exposed_floor[k] for k, n in counts.items())
+        floor = sum(n * floors[k] for k, n in counts.items())
         return floor // config.pp * self.weight(config)
 
     def _solve_one(self, config: Config, cutoff: int | None, stop: _Stop, workers: int):
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
         or None when the solve was conclusive)."""
-        cuts = [self.bounds.recompute_cuts(config, s) for s in range(config.pp)]
-        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)], [cuts])
+        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)])
         if cutoff is not None:
             form.model.add(form.objective < cutoff)
         solver = cp_model.CpSolver()

@@ -101,9 +101,7 @@ class ConfigTables:
             pp_backward=ns(pp / 2),
             reduce={k: ns(d.reduce) for k, d in dp.items()},
             gather={k: ns(d.gather) for k, d in dp.items()},
-            exposed_floor={
-                k: ns(cost.cal.dp_exposed * (d.reduce + d.gather)) for k, d in dp.items()
-            },
+            exposed_floor=exposed_floors(cost),
             optimizer={k: ns(cost.optimizer_seconds(d.local_params)) for k, d in dp.items()},
             static={
                 k: kib_up(sum(memory.static_bytes(seg.dense, seg.expert)))
@@ -161,6 +159,12 @@ class ConfigTables:
             optimizer.append(sum(n * self.optimizer[k] for k, n in counts.items()))
         pipeline = -(-((m * vpp - 1) * max(totals) + sum(totals)) // vpp)
         return pipeline + max(dp) + max(optimizer)
+
+
+def exposed_floors(cost: CostModel) -> dict[str, int]:
+    """ns per segment kind that data parallelism always leaves exposed (dp_exposed of its
+    collectives): the floor of D in the objective."""
+    return {k: ns(cost.cal.dp_exposed * (d.reduce + d.gather)) for k, d in cost.segment_dp.items()}
 
 
 def stages_of(segs: Segments, config: Config, partition, recompute: tuple[str, ...]):

@@ -98,17 +98,20 @@ class MeshShape:
         size = int(np.prod([grid.shape[d] for d in group_dims]))
         return sorted(sorted(g) for g in moved.reshape(-1, size).tolist())
 
-    def first_group(self, axis: str) -> list[int]:
-        """The group of `axis` holding rank 0 (groups of one axis all have its shape)."""
+    def first_group(self, axis: str) -> range:
+        """The group of `axis` holding rank 0 (groups of one axis all have its shape): the
+        members of an axis, or of adjacent merged axes, are evenly spaced by the product
+        of the sizes of the axes inside them."""
         mesh, members = MERGED_AXES.get(axis, (None, (axis,)))
         if mesh is None:
-            mesh = "dense" if axis in DENSE_AXES else "expert"
             if axis not in DENSE_AXES + EXPERT_AXES:
                 raise KeyError(f"unknown axis {axis!r}")
+            mesh = "dense" if axis in DENSE_AXES else "expert"
         axes = DENSE_AXES if mesh == "dense" else EXPERT_AXES
-        order = list(reversed(axes))
-        index = tuple(slice(None) if a in members else 0 for a in order)
-        return sorted(self._grids[mesh][index].reshape(-1).tolist())
+        first = axes.index(members[0])
+        stride = int(np.prod([getattr(self, a) for a in axes[:first]]))
+        size = int(np.prod([getattr(self, a) for a in members]))
+        return range(0, stride * size, stride)
 
 
 ALL_AXES = ("tp", "cp", "dp_shard", "dp_replicate", "pp", "etp", "ep", "edp", *MERGED_AXES)

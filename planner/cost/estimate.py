@@ -46,8 +46,6 @@ import functools
 import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
 from tera.planner.cost.memory import MemoryModel, StageMemory, zero_shards
 from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage, segments, split_stages
@@ -162,7 +160,7 @@ class CostModel:
         self.microbatches = global_batch // (layout.dp * layout.mbs)
         mesh = layout.mesh
         self.groups = {
-            axis: _as_range(mesh.first_group(axis))
+            axis: mesh.first_group(axis)
             for axis in ("tp", "cp", "pp", "ep", "dp_cp", "edp_full", "dp_shard")
         }
         # the trace is bf16; fp32 training moves twice the bytes
@@ -467,16 +465,6 @@ _SEGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COLLECTIVE_TIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _as_range(group: list[int]) -> range | list[int]:
-    """A group as a range where its ranks are evenly spaced (the first group of every
-    axis is), so that it hashes in O(1) in the collective cache."""
-    if len(group) < 2:
-        return range(group[0], group[0] + 1)
-    step = group[1] - group[0]
-    even = step > 0 and bool((np.diff(np.asarray(group)) == step).all())
-    return range(group[0], group[-1] + 1, step) if even else group
-
-
 class _CachedCollectives:
     """Collective seconds on one cluster, memoised across cost models: the solver builds
     thousands of models whose groups and message sizes repeat."""
@@ -488,8 +476,8 @@ class _CachedCollectives:
         self.module = collectives
         self.times = _COLLECTIVE_TIMES.setdefault(cluster, {})
 
-    def __call__(self, name: str, group: list[int], nbytes: float) -> float:
-        key = (name, group if isinstance(group, range) else tuple(group), nbytes)
+    def __call__(self, name: str, group: range, nbytes: float) -> float:
+        key = (name, group, nbytes)
         if key not in self.times:
             if name == "send_recv":
                 seconds = self.module.send_recv(self.cluster, group[0], group[1], nbytes)

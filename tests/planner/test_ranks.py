@@ -1,5 +1,6 @@
 """planner/ranks.py: Megatron rank order, the DESIGN.md worked example, partitions."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,3 +61,13 @@ def test_groups_partition_the_ranks_exactly(mesh):
     for group in mesh.groups("ep"):
         assert len({r // block for r in group}) == 1
     assert set(ALL_AXES) == set(process_groups(mesh))
+
+
+@pytest.mark.parametrize(
+    "degrees",
+    [(2, 1, 4, 1, 2, 4, 1), (2, 2, 2, 2, 2, 2, 2), (4, 2, 4, 2, 3, 4, 2), (8, 1, 16, 1, 4, 32, 2)],
+)
+def test_first_group_is_the_group_of_rank_zero(degrees):
+    mesh = MeshShape(*degrees)
+    for axis in ALL_AXES:
+        assert list(mesh.first_group(axis)) == mesh.groups(axis)[0]

@@ -1,25 +1,22 @@
-"""The CP-SAT model over configurations, partitions and per-stage recompute.
+"""The CP-SAT model of one configuration: its partition, per-stage recompute and memory.
 
-Given integer tables for a set of configurations (tables.py), one CpModel chooses the
-configuration, the blocks of each virtual chunk and the recompute mode of each stage.
+Given the integer tables of a configuration (tables.py), one CpModel chooses the blocks of
+each virtual chunk and the recompute mode of each stage.
 
 Variables
-  x_k            one Boolean per configuration k, exactly one true
-  per pipeline shape (pp, vpp), shared by the configurations of that shape:
-    n_c          blocks in chunk c (1 .. layers), sum over c = layers
-    De_c         dense blocks among the first (n_0 + ... + n_c) blocks: an element
+  n_c            blocks in chunk c (1 .. layers), sum over c = layers
+  De_c           dense blocks among the first (n_0 + ... + n_c) blocks: an element
                  constraint on the model's prefix count, so any dense/MoE pattern is exact
-    dense_s, moe_s
-                 blocks of each kind on stage s (sums over the chunks c = s mod pp)
-    r_sm         recompute mode m of stage s, exactly one per stage
-    U_skm        = count of kind k on stage s if r_sm else 0: the products of a count and
-                 a mode, linearised exactly by two reified equalities
-    has_sk, z_sk has_sk >= [count_sk > 0] and z_sk >= r_s,full + has_sk - 1: presence
+  dense_s, moe_s blocks of each kind on stage s (sums over the chunks c = s mod pp)
+  r_sm           recompute mode m of stage s, exactly one per stage
+  U_skm          = count of kind k on stage s if r_sm else 0: the products of a count and
+                 a mode, linearised exactly by two reified equalities (OnlyEnforceIf)
+  has_sk, z_sk   has_sk >= [count_sk > 0] and z_sk >= r_s,full + has_sk - 1: presence
                  flags for the max terms of memory (only ever pushed up by feasibility)
   Tmax, P, D, O  max stage time, pipeline time, exposed data-parallel time and optimizer
-                 time of the chosen configuration, all in ns
+                 time, all in ns
 
-Constraints, each enforced only when x_k holds (CP-SAT's OnlyEnforceIf, no big-M):
+Constraints
   Tmax >= T_s for every stage; vpp*P >= (m*vpp - 1)*Tmax + sum_s T_s: the pipeline
   formula with its max over stages decomposed into lower bounds, exact at the optimum
   because the objective pushes Tmax and P down; D >= each linear piece of the exposed
@@ -27,10 +24,11 @@ Constraints, each enforced only when x_k holds (CP-SAT's OnlyEnforceIf, no big-M
   value above all pieces); O >= the optimizer time of every stage; memory of every
   stage <= the budget, once for each choice of the max terms (max(a, b) + c <= cap is
   a + c <= cap and b + c <= cap).
-Objective: minimise P + D + O, the step time (or weight_k * (P + D + O) with a per-config
-weight, the GPUs used, for dollars per token). Every coefficient is an integer from the
+Objective: minimise weight * (P + D + O), the step time (weight 1) or the GPU-seconds of
+a step (weight = GPUs, for dollars per token). Every coefficient is an integer from the
 tables, so the optimum equals tables.step_ns minimised over the same candidates: the
-model is exact, not a relaxation.
+model is exact, not a relaxation. The search (search.py) adds "objective < cutoff" to
+refute configurations that cannot enter the top K.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ BLOCKS = ("dense", "moe")
 
 @dataclass
 class Shape:
-    """The shared partition and recompute variables of one (pp, vpp) shape."""
+    """The partition and recompute variables of a (pp, vpp) pipeline."""
 
     pp: int
     vpp: int
@@ -61,30 +59,21 @@ class Shape:
 
 
 class Formulation:
-    def __init__(self, segs: Segments, tables: list[ConfigTables], weights: list[int]):
+    """The CP-SAT model of one configuration (see the module docstring)."""
+
+    def __init__(self, segs: Segments, tables: ConfigTables, weight: int = 1):
         self.segs = segs
         self.model = cp_model.CpModel()
         self.tables = tables
-        self.weights = weights
-        self.shapes: dict[tuple[int, int], Shape] = {}
-        self.choose = [self.model.new_bool_var(f"x{i}") for i in range(len(tables))]
-        self.model.add_exactly_one(self.choose)
-        horizon = max(self._step_bound(t) for t in tables)
+        horizon = self._step_bound(tables)
         self.tmax = self.model.new_int_var(0, horizon, "Tmax")
         self.pipeline = self.model.new_int_var(0, horizon, "P")
         self.dp = self.model.new_int_var(0, horizon, "D")
         self.optimizer = self.model.new_int_var(0, horizon, "O")
-        step = self.pipeline + self.dp + self.optimizer
-        if all(w == 1 for w in weights):
-            self.objective = step
-            self.model.minimize(step)
-        else:
-            self.objective = self.model.new_int_var(0, horizon * max(weights), "Z")
-            for x, w in zip(self.choose, weights, strict=True):
-                self.model.add(self.objective >= w * step).only_enforce_if(x)
-            self.model.minimize(self.objective)
-        for x, t in zip(self.choose, tables, strict=True):
-            self._add_config(x, t)
+        self.objective = weight * (self.pipeline + self.dp + self.optimizer)
+        self.model.minimize(self.objective)
+        self.shape = self._shape(tables.config.pp, tables.config.vpp)
+        self._add_config(tables)
 
     # -- bounds ----------------------------------------------------------------------------
     def _step_bound(self, t: ConfigTables) -> int:
@@ -97,10 +86,8 @@ class Formulation:
         optimizer = whole * max(t.optimizer.values())
         return (t.microbatches + 1) * stage + dp + optimizer + 1
 
-    # -- shared variables of a pipeline shape ----------------------------------------------
-    def shape(self, pp: int, vpp: int) -> Shape:
-        if (pp, vpp) in self.shapes:
-            return self.shapes[pp, vpp]
+    # -- partition and recompute variables ---------------------------------------------------
+    def _shape(self, pp: int, vpp: int) -> Shape:
         m, segs, layers = self.model, self.segs, self.segs.layers
         chunks = pp * vpp
         tag = f"pp{pp}v{vpp}"
@@ -154,14 +141,12 @@ class Formulation:
             products.append(product)
             has.append(present)
             full_has.append(full_present)
-        shape = Shape(pp, vpp, sizes, counts, fixed, modes, products, has, full_has)
-        self.shapes[pp, vpp] = shape
-        return shape
+        return Shape(pp, vpp, sizes, counts, fixed, modes, products, has, full_has)
 
-    # -- one configuration ------------------------------------------------------------------
-    def _add_config(self, x, t: ConfigTables) -> None:
+    # -- the configuration's constraints ------------------------------------------------------
+    def _add_config(self, t: ConfigTables) -> None:
         c = t.config
-        shape = self.shape(c.pp, c.vpp)
+        shape = self.shape
         m, vpp, mb = self.model, c.vpp, t.microbatches
         totals = []
         for s in range(c.pp):
@@ -176,22 +161,22 @@ class Formulation:
             backward += sum(t.recompute[k][r] * prod[k, r] for k in BLOCKS for r in MODES)
             total = forward + backward
             totals.append(total)
-            m.add(self.tmax >= total).only_enforce_if(x)
+            m.add(self.tmax >= total)
 
             reduce, gather = linear(t.reduce), linear(t.gather)
             floor = linear(t.exposed_floor)
-            m.add(self.dp >= floor).only_enforce_if(x)
+            m.add(self.dp >= floor)
             if c.zero == 3:
-                m.add(self.dp >= reduce + gather - mb * total).only_enforce_if(x)
+                m.add(self.dp >= reduce + gather - mb * total)
             else:
-                m.add(self.dp >= reduce - backward + gather - forward).only_enforce_if(x)
-                m.add(self.dp >= reduce - backward).only_enforce_if(x)
-                m.add(self.dp >= gather - forward).only_enforce_if(x)
-            m.add(self.optimizer >= linear(t.optimizer)).only_enforce_if(x)
-            self._memory(x, t, shape, s, linear)
-        m.add(vpp * self.pipeline >= (mb * vpp - 1) * self.tmax + sum(totals)).only_enforce_if(x)
+                m.add(self.dp >= reduce - backward + gather - forward)
+                m.add(self.dp >= reduce - backward)
+                m.add(self.dp >= gather - forward)
+            m.add(self.optimizer >= linear(t.optimizer))
+            self._memory(t, shape, s, linear)
+        m.add(vpp * self.pipeline >= (mb * vpp - 1) * self.tmax + sum(totals))
 
-    def _memory(self, x, t: ConfigTables, shape: Shape, s: int, linear) -> None:
+    def _memory(self, t: ConfigTables, shape: Shape, s: int, linear) -> None:
         vpp, prod, has = t.config.vpp, shape.products[s], shape.has[s]
         fixed = shape.fixed[s]
         held = linear(t.static) + t.base_buffers + t.moe_buffers * has["moe"]
@@ -204,20 +189,13 @@ class Formulation:
         gathered += [vpp * t.gathered[k] * has[k] for k in BLOCKS if t.gathered[k]]
         for w in working:
             for g in gathered:
-                self.model.add(base + w + g <= vpp * t.budget).only_enforce_if(x)
+                self.model.add(base + w + g <= vpp * t.budget)
 
     # -- reading a solution -------------------------------------------------------------------
-    def chosen(self, solver: cp_model.CpSolver) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
-        """(index of the chosen configuration, partition, per-stage recompute)."""
-        k = next(i for i, x in enumerate(self.choose) if solver.boolean_value(x))
-        c = self.tables[k].config
-        shape = self.shapes[c.pp, c.vpp]
-        partition = tuple(solver.value(n) for n in shape.sizes)
+    def chosen(self, solver: cp_model.CpSolver) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(partition, per-stage recompute) of the solution."""
+        partition = tuple(solver.value(n) for n in self.shape.sizes)
         recompute = tuple(
-            next(r for r in MODES if solver.boolean_value(mode[r])) for mode in shape.modes
+            next(r for r in MODES if solver.boolean_value(mode[r])) for mode in self.shape.modes
         )
-        return k, partition, recompute
-
-    def forbid(self, k: int) -> None:
-        """Exclude configuration k (to rank the runners-up)."""
-        self.model.add(self.choose[k] == 0)
+        return partition, recompute

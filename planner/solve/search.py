@@ -276,7 +276,7 @@ class Searcher:
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
         or None when the solve was conclusive)."""
-        form = Formulation(self.segs, [self.tables(config)], [self.weight(config)])
+        form = Formulation(self.segs, self.tables(config), self.weight(config))
         if cutoff is not None:
             form.model.add(form.objective < cutoff)
         solver = cp_model.CpSolver()
@@ -291,7 +291,7 @@ class Searcher:
         if status == cp_model.UNKNOWN:
             bound = self.bounds.memory(config) * self.weight(config)
             return None, max(bound, math.floor(solver.best_objective_bound))
-        _, partition, recompute = form.chosen(solver)
+        partition, recompute = form.chosen(solver)
         value = round(solver.objective_value)
         unproven = None if status == cp_model.OPTIMAL else math.floor(solver.best_objective_bound)
         return (config, (partition, recompute), value), unproven

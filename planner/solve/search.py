@@ -5,20 +5,21 @@ configurations of degrees, each with C(layers-1, pp*vpp-1) partitions and 3^pp r
 assignments. The search is a branch and bound over configurations with CP-SAT solving
 each one's coupled partition, recompute and memory problem (model.py) exactly:
 
-1. Every configuration gets a lower bound on its step time from the cost model's
-   per-segment figures: all blocks' forward and backward without recompute, spread
-   perfectly over the stages (max_s T_s >= sum_s T_s / pp), with no exposed data-parallel
-   time. A configuration whose weights, gradients and optimizer state alone exceed pp
-   GPUs' memory is infeasible and dropped (the stages' static memory sums to the total).
-2. Configurations are solved in bound order. Each CP-SAT model carries the cutoff
-   "objective < the K-th best so far", so a configuration that cannot enter the top K is
-   refuted by CP-SAT's own bounds, usually without search.
+1. Every configuration gets a cheap lower bound on its step time (bounds.py: all work
+   spread perfectly over the stages, the mean optimizer step); one whose static memory
+   cannot fit on pp GPUs is dropped.
+2. Configurations are taken from a priority queue in bound order. The first time one
+   comes out it gets its memory-aware bound (the recompute and imbalance its memory
+   forces) and goes back in; the second time, the floor of its exposed data-parallel
+   time is added and, if it can still beat the K-th best plan so far, CP-SAT solves its
+   partition and recompute (model.py) with "objective < the K-th best" as a constraint.
 3. The search stops when the next bound is at least the K-th best objective: every
    configuration left is proven no better.
 
 The certificate's bound is the smallest bound not beaten (of a configuration not reached
 or a solve cut short), so `status = OPTIMAL` means proven optimal under the cost model
-over the whole space. A time limit or Ctrl-C stops the running solve and returns the best
+over the whole space. A time limit stops the running solve, Ctrl-C the search once the
+running solve returns (each is capped at SECONDS_PER_CONFIGURATION); both return the best
 plan found with its bound and gap.
 """
 
@@ -113,17 +114,15 @@ class SearchResult:
 
 
 class _Stop:
-    """Ctrl-C and the deadline stop the running solve and the search after it."""
+    """Stops the search: Ctrl-C (the handler runs once the running solve returns) or the
+    deadline (also the running solve's time limit)."""
 
     def __init__(self, deadline: float):
         self.deadline = deadline
         self.requested = False
-        self.solver: cp_model.CpSolver | None = None
 
     def __call__(self, signum, frame) -> None:
         self.requested = True
-        if self.solver is not None:
-            self.solver.stop_search()
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -281,11 +280,11 @@ class Searcher:
             form.model.add(form.objective < cutoff)
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = workers
+        # CP-SAT's own SIGINT handler would outlive the solve; ours stops the search.
+        solver.parameters.catch_sigint_signal = False
         limit = min(stop.left(), SECONDS_PER_CONFIGURATION)
         solver.parameters.max_time_in_seconds = max(0.01, limit)
-        stop.solver = solver
         status = solver.solve(form.model)
-        stop.solver = None
         if status == cp_model.INFEASIBLE:
             return None, None
         if status == cp_model.UNKNOWN:

@@ -238,3 +238,21 @@ def test_bounds_never_exceed_the_best_candidate_of_a_configuration(hbm_gb):
         tight += memory > quick
     if hbm_gb < 0.01:
         assert tight > 0  # memory pressure makes the memory bound bite
+
+
+def test_ctrl_c_returns_the_best_plan_so_far_with_its_gap():
+    """SIGINT during the search stops it; the plans found so far come back, FEASIBLE
+    unless the stop came after the proof."""
+    import os
+    import signal
+
+    def interrupt(message: str) -> None:
+        if "solved:" in message:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    result = search(TINY, small_cluster(8, 1.0), 32, 128, top=3, workers=1, progress=interrupt)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+    c = result.certificate
+    assert len(result.plans) >= 1 and result.best.estimate.fits
+    assert c.status == "FEASIBLE" and c.bound < c.objective and c.gap > 0

@@ -338,8 +338,10 @@ class CostModel:
         totals = self.segs.totals[kind]
         dense = totals.dense_per_rank(L.tp)
         expert = totals.expert_params / (L.ep * L.etp)
-        reduce = self._cached(f"dp_reduce/{kind}", lambda: self._dp_collectives(kind)[0])
-        gather = self._cached(f"dp_gather/{kind}", lambda: self._dp_collectives(kind)[1])
+        if f"dp_reduce/{kind}" not in self._comm:
+            reduce, gather = self._dp_collectives(kind)
+            self._comm[f"dp_reduce/{kind}"], self._comm[f"dp_gather/{kind}"] = reduce, gather
+        reduce, gather = self._comm[f"dp_reduce/{kind}"], self._comm[f"dp_gather/{kind}"]
         shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
         return SegmentDP(reduce, gather, dense / shards + expert / expert_shards)
 

@@ -191,6 +191,14 @@ class Formulation:
             for g in gathered:
                 self.model.add(base + w + g <= vpp * t.budget)
 
+    def hint(self, partition: tuple[int, ...], recompute: tuple[str, ...]) -> None:
+        """Start CP-SAT's search from this partition and per-stage recompute."""
+        for n, size in zip(self.shape.sizes, partition, strict=True):
+            self.model.add_hint(n, size)
+        for mode, chosen in zip(self.shape.modes, recompute, strict=True):
+            for r, flag in mode.items():
+                self.model.add_hint(flag, r == chosen)
+
     # -- reading a solution -------------------------------------------------------------------
     def chosen(self, solver: cp_model.CpSolver) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(partition, per-stage recompute) of the solution."""

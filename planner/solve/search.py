@@ -9,17 +9,19 @@ each one's coupled partition, recompute and memory problem (model.py) exactly:
    spread perfectly over the stages, the mean optimizer step); one whose static memory
    cannot fit on pp GPUs is dropped.
 2. Configurations are taken from a priority queue in bound order. The first time one
-   comes out it gets its memory-aware bound (the recompute and imbalance its memory
-   forces) and goes back in; the second time, the floor of its exposed data-parallel
-   time is added and, if it can still beat the K-th best plan so far, CP-SAT solves its
-   partition and recompute (model.py) with "objective < the K-th best" as a constraint.
+   comes out, the floor of its exposed data-parallel time is added (dropping it if it
+   then cannot beat the K-th best plan so far), then its memory-aware bound (the
+   recompute and imbalance its memory forces), and it goes back in; the second time,
+   CP-SAT solves its partition and recompute (model.py) with "objective < the K-th best"
+   as a constraint, for at most SHORT_SOLVE seconds; solves cut short are retried at the
+   end for LONG_SOLVE seconds if they can still win.
 3. The search stops when the next bound is at least the K-th best objective: every
    configuration left is proven no better.
 
 The certificate's bound is the smallest bound not beaten (of a configuration not reached
 or a solve cut short), so `status = OPTIMAL` means proven optimal under the cost model
 over the whole space. A time limit stops the running solve, Ctrl-C the search once the
-running solve returns (each is capped at SECONDS_PER_CONFIGURATION); both return the best
+running solve returns (each is capped at SHORT_SOLVE or LONG_SOLVE); both return the best
 plan found with its bound and gap.
 """
 
@@ -36,16 +38,18 @@ from ortools.sat.python import cp_model
 
 from tera.planner.cost.calibration import Calibration
 from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
-from tera.planner.layout import Layout, LayoutError
+from tera.planner.layout import Layout, LayoutError, even_partition
 from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
 from tera.planner.solve.space import Config, Space
-from tera.planner.solve.tables import NS, ConfigTables, exposed_floors
+from tera.planner.solve.tables import MODES, NS, ConfigTables, exposed_floors, stages_of
 
 OBJECTIVES = ("step_time", "cost")
-# A configuration whose CP-SAT solve takes longer than this is left open (its bound
-# counts in the certificate) so that one hard configuration cannot stall the search.
-SECONDS_PER_CONFIGURATION = 2.0
+# A configuration's CP-SAT solve gets SHORT_SOLVE seconds in bound order, so that one hard
+# configuration cannot stall the search, and those cut short that can still win get
+# LONG_SOLVE seconds at the end; what is still open then counts in the certificate.
+SHORT_SOLVE = 2.0
+LONG_SOLVE = 20.0
 DEFAULT_PRICE_PER_GPU_HOUR = (
     2.5  # hardware-facts power_cost.price_usd_per_gpu_hour.planner_default_h100.central
 )
@@ -231,6 +235,7 @@ class Searcher:
         [(config, (partition, recompute), objective)], the configurations CP-SAT solved,
         and a bound on everything not proven (inf if none)."""
         found: list = []
+        unresolved: list = []  # (bound, config) of solves cut short
         open_bound = math.inf
         solved = 0
         while queue:
@@ -243,24 +248,65 @@ class Searcher:
                 break
             heapq.heappop(queue)
             if not tightened:
+                floor = self._dp_floor(config)
+                if cutoff is not None and bound + floor >= cutoff:
+                    continue  # cutoffs only fall, so it can never return
                 tighter = self.bounds.memory(config)
                 if tighter is not None:
-                    heapq.heappush(queue, (tighter * self.weight(config), True, config))
-                continue
-            if cutoff is not None and bound + self._dp_floor(config) >= cutoff:
+                    tighter = tighter * self.weight(config) + floor
+                    heapq.heappush(queue, (tighter, True, config))
                 continue
             solved += 1
-            result, proven_bound = self._solve_one(config, cutoff, stop, workers)
+            result, proven_bound = self._solve_one(config, cutoff, stop, workers, SHORT_SOLVE)
             if proven_bound is not None:
-                open_bound = min(open_bound, proven_bound)
-            if result is None:
+                unresolved.append((proven_bound, config))
+            self._keep(found, result, top, solved, report)
+        # Solves cut short get a longer second try, best bound first, while they can win.
+        for proven_bound, config in sorted(unresolved):
+            cutoff = found[-1][2] if len(found) == top else None
+            if cutoff is not None and proven_bound >= cutoff:
                 continue
-            found.append(result)
-            found.sort(key=lambda f: (f[2], f[0]))
-            del found[top:]
-            if result in found:
-                report(f"{solved} solved: {config.key()}  {self._in_units(result[2]):.4g}")
+            if stop.requested or stop.left() <= 0:
+                open_bound = min(open_bound, proven_bound)
+                continue
+            result, again = self._solve_one(config, cutoff, stop, workers, LONG_SOLVE)
+            if again is not None:
+                open_bound = min(open_bound, again)
+            self._keep(found, result, top, solved, report)
         return found, solved, open_bound
+
+    def _starting_point(self, config: Config) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """A hint for CP-SAT: the even partition, each stage in the lightest recompute
+        mode that fits it (full where none does)."""
+        t = self.tables(config)
+        partition = even_partition(self.segs.layers, config.pp * config.vpp)
+        stages = stages_of(self.segs, config, partition, ("none",) * config.pp)
+        modes = tuple(
+            next(
+                (
+                    r
+                    for r in MODES
+                    if t.stage_memory(st.counts, r, st.index) <= config.vpp * t.budget
+                ),
+                "full",
+            )
+            for st in stages
+        )
+        return partition, modes
+
+    def _keep(self, found: list, result, top: int, solved: int, report) -> None:
+        """Put a solved configuration's plan among the top plans if it belongs there."""
+        if result is None:
+            return
+        config = result[0]
+        if any(f[0] == config and f[2] <= result[2] for f in found):
+            return  # a retried configuration that did no better
+        found[:] = [f for f in found if f[0] != config]
+        found.append(result)
+        found.sort(key=lambda f: (f[2], f[0]))
+        del found[top:]
+        if result in found:
+            report(f"{solved} solved: {config.key()}  {self._in_units(result[2]):.4g}")
 
     def _dp_floor(self, config: Config) -> int:
         """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
@@ -271,19 +317,21 @@ class Searcher:
         floor = sum(n * floors[k] for k, n in counts.items())
         return floor // config.pp * self.weight(config)
 
-    def _solve_one(self, config: Config, cutoff: int | None, stop: _Stop, workers: int):
+    def _solve_one(
+        self, config: Config, cutoff: int | None, stop: _Stop, workers: int, limit: float
+    ):
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
         or None when the solve was conclusive)."""
         form = Formulation(self.segs, self.tables(config), self.weight(config))
+        form.hint(*self._starting_point(config))
         if cutoff is not None:
             form.model.add(form.objective < cutoff)
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = workers
         # CP-SAT's own SIGINT handler would outlive the solve; ours stops the search.
         solver.parameters.catch_sigint_signal = False
-        limit = min(stop.left(), SECONDS_PER_CONFIGURATION)
-        solver.parameters.max_time_in_seconds = max(0.01, limit)
+        solver.parameters.max_time_in_seconds = max(0.01, min(stop.left(), limit))
         status = solver.solve(form.model)
         if status == cp_model.INFEASIBLE:
             return None, None

@@ -54,10 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the graph as node-link JSON")
 
     p = sub.add_parser("evaluate", help="cost one layout")
+    _problem_arguments(p)
+    p.add_argument("--layout", required=True, help="e.g. tp=2,pp=4,ep=8,zero=1,mbs=1")
+
+    p = sub.add_parser("search", help="find the fastest layouts, with a certificate")
+    _problem_arguments(p)
+    p.add_argument("--fix", default="", help="pin keys, e.g. tp=2,ep=8")
+    p.add_argument("--top", type=_positive_int, default=3, help="plans to rank (default 3)")
+    p.add_argument("--time-limit", type=float, help="seconds; the best plan so far and its gap")
+    p.add_argument("--objective", choices=("step_time", "cost"), default="step_time")
+    p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
+    p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
+    p.add_argument("-o", "--output", help="write the best plan as plan.json")
+    return parser
+
+
+def _problem_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, cluster, batch and precision that `evaluate` and `search` both take."""
     p.add_argument("model", help="preset name or model YAML path")
     p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
     p.add_argument("--gpus", type=_positive_int, help="size the cluster to N GPUs")
-    p.add_argument("--layout", required=True, help="e.g. tp=2,pp=4,ep=8,zero=1,mbs=1")
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
     p.add_argument("--seq-len", type=_positive_int, required=True)
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
@@ -68,24 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="busiest expert's load over the mean (1.0: balanced routing)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = sub.add_parser("search", help="find the fastest layouts, with a certificate")
-    p.add_argument("model", help="preset name or model YAML path")
-    p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
-    p.add_argument("--gpus", type=_positive_int, help="size the cluster to N GPUs")
-    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, required=True)
-    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
-    p.add_argument("--fix", default="", help="pin keys, e.g. tp=2,ep=8")
-    p.add_argument("--top", type=_positive_int, default=3, help="plans to rank (default 3)")
-    p.add_argument("--time-limit", type=float, help="seconds; the best plan so far and its gap")
-    p.add_argument("--objective", choices=("step_time", "cost"), default="step_time")
-    p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
-    p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
-    p.add_argument("--imbalance", type=float, default=1.0, help="busiest expert / mean load")
-    p.add_argument("-o", "--output", help="write the best plan as plan.json")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,8 +147,11 @@ class Searcher:
         reserve_bytes: float,
         imbalance: float,
         calibration: Calibration | None,
+        price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
     ):
         from tera.planner.trace import trace
+
+        self.price = price_per_gpu_hour
 
         self.spec, self.clusters = spec, clusters
         self.global_batch, self.seq_len, self.precision = global_batch, seq_len, precision
@@ -351,8 +354,6 @@ class Searcher:
         tokens = self.global_batch * self.seq_len
         return value_ns * NS / 3600 * self.price / tokens * 1e6
 
-    price = DEFAULT_PRICE_PER_GPU_HOUR
-
     def _plan(self, rank: int, config: Config, choice, value: int) -> RankedPlan:
         partition, recompute = choice
         layout = self.space.resolve(config, partition, ":".join(recompute))
@@ -411,6 +412,12 @@ def search(
             raise LayoutError(name, f"must be a positive integer, got {value!r}", "fix it")
     if time_limit is not None and time_limit <= 0:
         raise LayoutError("time_limit", f"must be positive, got {time_limit}", "fix it")
+    if price_per_gpu_hour <= 0:
+        raise LayoutError(
+            "price_per_gpu_hour", f"must be positive, got {price_per_gpu_hour}", "fix it"
+        )
+    if reserve_gib < 0:
+        raise LayoutError("reserve_gib", f"must be at least 0, got {reserve_gib}", "fix it")
     pins = parse_pins(fix) if not isinstance(fix, dict) else dict(fix)
     counts = [full.num_gpus]
     if objective == "cost":
@@ -428,6 +435,6 @@ def search(
         reserve_gib * 2**30,
         imbalance,
         calibration,
+        price_per_gpu_hour,
     )
-    searcher.price = price_per_gpu_hour
     return searcher.run(top, time_limit, workers, progress)

@@ -206,6 +206,10 @@ def test_bad_arguments_are_refused():
         search(TINY, small_cluster(8, 1.0), 32, 128, objective="speed")
     with pytest.raises(LayoutError, match="time_limit"):
         search(TINY, small_cluster(8, 1.0), 32, 128, time_limit=0)
+    with pytest.raises(LayoutError, match="reserve_gib"):
+        search(TINY, small_cluster(8, 1.0), 32, 128, reserve_gib=-1)
+    with pytest.raises(LayoutError, match="price_per_gpu_hour"):
+        search(TINY, small_cluster(8, 1.0), 32, 128, objective="cost", price_per_gpu_hour=0)
 
 
 def test_candidate_count_matches_enumeration():
@@ -256,3 +260,13 @@ def test_ctrl_c_returns_the_best_plan_so_far_with_its_gap():
     c = result.certificate
     assert len(result.plans) >= 1 and result.best.estimate.fits
     assert c.status == "FEASIBLE" and c.bound < c.objective and c.gap > 0
+
+
+def test_the_memory_reserve_is_kept_free():
+    cluster = small_cluster(8, 1.0)
+    roomy = search(TINY, cluster, 32, 128, workers=1).best.estimate
+    hbm = cluster.gpu.hbm_bytes
+    reserve_gib = (hbm - 0.8 * roomy.peak_memory_gib * 2**30) / 2**30
+    kept = search(TINY, cluster, 32, 128, reserve_gib=reserve_gib, workers=1).best.estimate
+    assert (kept.peak_memory_gib + reserve_gib) * 2**30 <= hbm
+    assert kept.peak_memory_gib < roomy.peak_memory_gib

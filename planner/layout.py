@@ -12,6 +12,8 @@ Two keys take colon-separated lists, one entry per pipeline piece:
                       taking the remainder
   recompute=full:selective:none:none
                       the recompute mode of each of the pp stages; one mode applies to all
+`order=tp-cp-pp-dp` maps the axes onto ranks in Megatron-LM's --use-tp-pp-dp-mapping order
+instead of the default tp-cp-dp-pp (ranks.py); the layout string shows it only then.
 
 `Layout.resolve` checks the layout against a model, a world size and a batch, and returns
 the resolved layout with every key set.
@@ -23,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tera.models.spec import ModelSpec
-from tera.planner.ranks import MeshShape
+from tera.planner.ranks import DEFAULT_ORDER, ORDERS, MeshShape
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved")
@@ -59,6 +61,7 @@ class Layout:
     recompute: str = "none"  # one mode, or one per stage joined by ":"
     schedule: str = "1f1b"
     partition: tuple[int, ...] | None = None  # blocks per virtual chunk; None: even
+    order: str = DEFAULT_ORDER  # rank order of the axes (ranks.py): tp-cp-dp-pp | tp-cp-pp-dp
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -92,6 +95,10 @@ class Layout:
         return layout
 
     def _check_values(self) -> None:
+        if self.order not in ORDERS:
+            raise LayoutError(
+                "order", f"unknown rank order {self.order!r}", f"use {' or '.join(ORDERS)}"
+            )
         modes = self.recompute.split(":")
         for mode in modes:
             if mode not in RECOMPUTE_MODES:
@@ -230,6 +237,7 @@ class Layout:
             pp=self.pp,
             ep=self.ep,
             etp=self.etp,
+            order=self.order,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -256,4 +264,5 @@ class Layout:
             f"{f.name}={text(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
             if getattr(self, f.name) is not None
+            and not (f.name == "order" and self.order == DEFAULT_ORDER)
         )

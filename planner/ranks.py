@@ -11,6 +11,14 @@ Worked example from DESIGN.md (16 ranks, tp2 pp2 ep4 etp1, so dp4 and edp2):
   pp  [0,8] [1,9] ...            ep  [0,1,2,3] [4,5,6,7] [8..11] [12..15]
   edp [0,4] [1,5] [2,6] [3,7] [8,12] ...
 
+The mapping of the axes onto ranks (and so onto the topology: the innermost ranks share a
+node) is one of Megatron-LM's two orders, innermost first:
+  tp-cp-dp-pp  (default)        tp, cp, dp_shard, dp_replicate, pp
+  tp-cp-pp-dp  (--use-tp-pp-dp-mapping)  tp, cp, pp, dp_shard, dp_replicate
+The second puts the pipeline neighbours of small tp*cp blocks inside a node at the price of
+spreading data and expert parallelism. In both, the expert mesh re-slices each dense
+block's ranks, taken in dense order, as etp (innermost), ep, edp.
+
 Invariant: for every axis, the groups partition range(world) into groups of the axis size,
 and the cost model and the runtime both call `process_groups`, so they cannot disagree
 about which ranks talk to each other.
@@ -18,6 +26,7 @@ about which ranks talk to each other.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -25,6 +34,11 @@ import numpy as np
 
 DENSE_AXES = ("tp", "cp", "dp_shard", "dp_replicate", "pp")  # innermost first
 EXPERT_AXES = ("etp", "ep", "edp", "dp_replicate", "pp")
+DEFAULT_ORDER = "tp-cp-dp-pp"
+ORDERS = {  # rank order -> dense axes innermost first
+    DEFAULT_ORDER: DENSE_AXES,
+    "tp-cp-pp-dp": ("tp", "cp", "pp", "dp_shard", "dp_replicate"),
+}
 
 # Groups formed by merging adjacent mesh axes: data parallelism as a whole, the group
 # Megatron reduces dense gradients over (dp with cp), and the expert gradient group.
@@ -46,8 +60,11 @@ class MeshShape:
     pp: int = 1
     ep: int = 1
     etp: int = 1
+    order: str = DEFAULT_ORDER
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order {self.order!r} is not one of {', '.join(ORDERS)}")
         for name in ("tp", "cp", "dp_shard", "dp_replicate", "pp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,18 +81,22 @@ class MeshShape:
         return self.tp * self.cp * self.dp_shard // (self.ep * self.etp)
 
     def sizes(self, mesh: str) -> dict[str, int]:
-        axes = DENSE_AXES if mesh == "dense" else EXPERT_AXES
+        """Axis sizes innermost first: the dense axes in this order's rank order, the
+        expert axes as they re-slice a dense block."""
+        axes = ORDERS[self.order] if mesh == "dense" else EXPERT_AXES
         return {a: getattr(self, a) for a in axes}
 
     @cached_property
     def _grids(self) -> dict[str, np.ndarray]:
-        """Rank grids indexed outermost axis first (numpy's C order = innermost last)."""
-        ranks = np.arange(self.world)
-        grids = {}
-        for mesh, axes in (("dense", DENSE_AXES), ("expert", EXPERT_AXES)):
-            shape = [getattr(self, a) for a in reversed(axes)]
-            grids[mesh] = ranks.reshape(shape)
-        return grids
+        """Rank grids with one dimension per axis, outermost first as listed by
+        reversed(DENSE_AXES) and reversed(EXPERT_AXES), whatever the order."""
+        physical = ORDERS[self.order]
+        ranks = np.arange(self.world).reshape([getattr(self, a) for a in reversed(physical)])
+        logical = list(reversed(DENSE_AXES))
+        dense = np.transpose(ranks, [list(reversed(physical)).index(a) for a in logical])
+        # a dense block's ranks in dense order (dp_shard, cp, tp) re-sliced as (edp, ep, etp)
+        expert = dense.reshape([getattr(self, a) for a in reversed(EXPERT_AXES)])
+        return {"dense": dense, "expert": expert}
 
     def groups(self, axis: str) -> list[list[int]]:
         """The process groups of one axis (or merged axis), each sorted, the list sorted."""
@@ -98,20 +119,46 @@ class MeshShape:
         size = int(np.prod([grid.shape[d] for d in group_dims]))
         return sorted(sorted(g) for g in moved.reshape(-1, size).tolist())
 
-    def first_group(self, axis: str) -> range:
-        """The group of `axis` holding rank 0 (groups of one axis all have its shape): the
-        members of an axis, or of adjacent merged axes, are evenly spaced by the product
-        of the sizes of the axes inside them."""
+    def first_group(self, axis: str) -> range | RankGroup:
+        """The group of `axis` holding rank 0 (groups of one axis all have its shape). In
+        the default order the members of an axis, or of adjacent merged axes, are evenly
+        spaced by the product of the sizes of the axes inside them: a range."""
         mesh, members = MERGED_AXES.get(axis, (None, (axis,)))
         if mesh is None:
             if axis not in DENSE_AXES + EXPERT_AXES:
                 raise KeyError(f"unknown axis {axis!r}")
             mesh = "dense" if axis in DENSE_AXES else "expert"
         axes = DENSE_AXES if mesh == "dense" else EXPERT_AXES
+        if self.order != DEFAULT_ORDER:
+            return _first_group_of_grid(self, axis)
         first = axes.index(members[0])
         stride = int(np.prod([getattr(self, a) for a in axes[:first]]))
         size = int(np.prod([getattr(self, a) for a in members]))
         return range(0, stride * size, stride)
+
+
+class RankGroup(tuple):
+    """The ranks of a group that are not evenly spaced: a tuple that hashes once, so that
+    cost models can key cached collective times by it."""
+
+    def __hash__(self) -> int:
+        if "_hash" not in self.__dict__:
+            self.__dict__["_hash"] = super().__hash__()
+        return self.__dict__["_hash"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_group_of_grid(mesh: MeshShape, axis: str) -> range | RankGroup:
+    """MeshShape.first_group read off the rank grid, for orders where it may be uneven."""
+    grid_mesh, members = MERGED_AXES.get(axis, (None, (axis,)))
+    if grid_mesh is None:
+        grid_mesh = "dense" if axis in DENSE_AXES else "expert"
+    axes = DENSE_AXES if grid_mesh == "dense" else EXPERT_AXES
+    index = tuple(slice(None) if a in members else 0 for a in reversed(axes))
+    ranks = np.sort(mesh._grids[grid_mesh][index].reshape(-1))
+    if len(ranks) > 1 and (np.diff(ranks) == ranks[1] - ranks[0]).all():
+        return range(int(ranks[0]), int(ranks[-1]) + 1, int(ranks[1] - ranks[0]))
+    return range(int(ranks[0]), int(ranks[0]) + 1) if len(ranks) == 1 else RankGroup(ranks.tolist())
 
 
 ALL_AXES = ("tp", "cp", "dp_shard", "dp_replicate", "pp", "etp", "ep", "edp", *MERGED_AXES)

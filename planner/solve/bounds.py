@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from tera.planner.cost.memory import in_flight_chunks, static_bytes, zero_shards
+from tera.planner.ranks import DEFAULT_ORDER
 from tera.planner.solve.space import Config
 from tera.planner.solve.tables import MODES, ns
 
@@ -50,14 +51,24 @@ class Bounds:
 
     def _model(self, c: Config):
         """A cost model with c's inner degrees (segment times and memory depend on
-        nothing else), memoised."""
-        key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs)
+        nothing else, but for pp where the order spreads expert groups over stages),
+        memoised."""
+        key = (
+            c.gpus,
+            c.tp,
+            c.cp,
+            c.ep,
+            c.etp,
+            c.mbs,
+            c.order,
+            c.pp if c.order != DEFAULT_ORDER else 0,
+        )
         if key not in self._inner:
             self._inner[key] = self.s.cost_model(c)
         return self._inner[key]
 
     def _pp_work(self, c: Config) -> int:
-        key = (c.gpus, c.tp, c.cp, c.mbs, c.pp)
+        key = (c.gpus, c.tp, c.cp, c.mbs, c.pp, c.order)
         if key not in self._pp:
             self._pp[key] = 2 * ns(self.s.cost_model(c).pp_time() / 2)
         return self._pp[key]

@@ -26,6 +26,9 @@ The space (each rule is what a launch needs, or a bound stated here):
         a replica count > 1 only adds memory and is never strictly better; pin it (or
         zero=1) to cost it anyway
   mbs   a power of two up to MAX_MBS dividing global_batch / dp
+  order the rank order (ranks.py): Megatron's default tp-cp-dp-pp, or tp-cp-pp-dp where
+        both pp and dp are split (elsewhere the two give the same groups); it decides
+        which axes share a node, a rail or a leaf switch
 User pins (`--fix tp=2,ep=8`) restrict a key to one value and override the tp and cp caps.
 """
 
@@ -36,16 +39,17 @@ from dataclasses import dataclass, field
 
 from tera.models.spec import ModelSpec
 from tera.planner.layout import INT_KEYS, Layout, LayoutError
+from tera.planner.ranks import DEFAULT_ORDER, ORDERS
 
 MAX_CP = 8
 MAX_VPP = 8
 MAX_MBS = 8
-PINNABLE = ("tp", "cp", "pp", "vpp", "ep", "etp", "zero", "dp_replicate", "mbs", "gpus")
+PINNABLE = ("tp", "cp", "pp", "vpp", "ep", "etp", "zero", "dp_replicate", "mbs", "gpus", "order")
 
 
 @dataclass(frozen=True, order=True)
 class Config:
-    """One choice of degrees, ZeRO stage, micro-batch and GPU count."""
+    """One choice of degrees, ZeRO stage, micro-batch, GPU count and rank order."""
 
     gpus: int
     tp: int
@@ -57,6 +61,7 @@ class Config:
     zero: int
     dp_replicate: int
     mbs: int
+    order: str = DEFAULT_ORDER
 
     @property
     def dp(self) -> int:
@@ -80,6 +85,7 @@ class Config:
             recompute=recompute,
             schedule=self.schedule,
             partition=partition,
+            order=self.order,
         )
 
     def key(self) -> str:
@@ -88,6 +94,8 @@ class Config:
         text += f" zero{self.zero} mbs{self.mbs}"
         if self.dp_replicate > 1:
             text += f" dp_replicate{self.dp_replicate}"
+        if self.order != DEFAULT_ORDER:
+            text += f" order {self.order}"
         return text
 
 
@@ -95,18 +103,23 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
     return [d for d in range(1, (limit or n) + 1) if n % d == 0]
 
 
-def parse_pins(text: str | None) -> dict[str, int]:
-    """`tp=2,ep=8` -> {"tp": 2, "ep": 8}; only the searchable integer keys."""
-    pins: dict[str, int] = {}
+def parse_pins(text: str | None) -> dict[str, int | str]:
+    """`tp=2,ep=8` -> {"tp": 2, "ep": 8}; the searchable keys (order takes a rank order)."""
+    pins: dict[str, int | str] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         key, _, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if key not in PINNABLE:
             raise LayoutError(key, "cannot be pinned", f"pin one of {', '.join(PINNABLE)}")
+        if key == "order":
+            if raw not in ORDERS:
+                raise LayoutError(key, f"unknown rank order {raw!r}", f"use {' or '.join(ORDERS)}")
+            pins[key] = raw
+            continue
         if not raw.isdigit() or int(raw) < (0 if key == "zero" else 1):
             raise LayoutError(key, f"expected a positive integer, got {raw!r}", "fix --fix")
         pins[key] = int(raw)
-    assert set(PINNABLE) - {"gpus"} <= set(INT_KEYS)
+    assert set(PINNABLE) - {"gpus", "order"} <= set(INT_KEYS)
     return pins
 
 
@@ -182,7 +195,12 @@ class Space:
                         sharded = dp * cp > 1 or block // (ep * etp) * dp_replicate > 1
                         if zero >= 1 and not sharded:
                             continue
-                        yield Config(gpus, tp, cp, pp, vpp, ep, etp, zero, dp_replicate, mbs)
+                        # the orders differ only where both pp and dp are split
+                        orders = list(ORDERS) if pp > 1 and dp > 1 else [DEFAULT_ORDER]
+                        for order in self._options("order", orders, ORDERS.__contains__):
+                            yield Config(
+                                gpus, tp, cp, pp, vpp, ep, etp, zero, dp_replicate, mbs, order
+                            )
 
     def resolve(self, config: Config, partition=None, recompute: str = "none") -> Layout:
         """The config as a resolved layout (the space's rules are Layout.resolve's)."""

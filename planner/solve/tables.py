@@ -73,17 +73,9 @@ class ConfigTables:
     def build(cls, cost: CostModel, reserve_bytes: float) -> ConfigTables:
         L = cost.layout
         config = Config(
-            L.dp * L.tp * L.cp * L.pp,
-            L.tp,
-            L.cp,
-            L.pp,
-            L.vpp,
-            L.ep,
-            L.etp,
-            L.zero,
-            L.dp_replicate,
-            L.mbs,
-        )
+            L.dp * L.tp * L.cp * L.pp, L.tp, L.cp, L.pp, L.vpp, L.ep, L.etp, L.zero,
+            L.dp_replicate, L.mbs, L.order,
+        )  # fmt: skip
         times, dp, memory = cost.segment_times, cost.segment_dp, cost.memory_model
         pp = cost.pp_time()
         gathered = {}

@@ -25,6 +25,10 @@ def test_parse_and_resolve_fills_dp():
         ("schedule=zigzag", "schedule"),
         ("zero=4", "zero"),
         ("vpp=2", "vpp"),
+        ("order=pp-dp", "order"),
+        ("pp=2,recompute=full:none:none", "recompute"),
+        ("pp=2,partition=3:4:5", "partition"),
+        ("partition=3:x", "partition"),
     ],
 )
 def test_malformed_layout_strings_name_the_field(text, field):
@@ -60,3 +64,14 @@ def test_tp_beyond_kv_heads_replicates_them():
     # 8 KV heads under tp=16: each KV head is replicated on two ranks, which is allowed
     resolved = Layout.parse("tp=16").resolve(load_spec("llama3-70b"), 16, 64, 4096)
     assert resolved.dp == 1
+
+
+def test_partition_per_stage_recompute_and_order_round_trip():
+    spec = load_spec("tiny-moe")
+    text = "pp=2,vpp=2,schedule=interleaved,partition=1:1:1:1,recompute=full:none,order=tp-cp-pp-dp"
+    layout = Layout.parse(text).resolve(spec, 8, 16, 128)
+    assert layout.stage_recompute == ("full", "none") and layout.chunk_sizes(4) == (1, 1, 1, 1)
+    assert Layout.parse(str(layout)) == layout == Layout.from_dict(layout.to_dict())
+    assert "order=" not in str(Layout.parse("pp=2").resolve(spec, 8, 16, 128))
+    with pytest.raises(LayoutError, match="partition"):
+        Layout.parse("pp=2,partition=1:2").resolve(spec, 8, 16, 128)  # 3 of 4 blocks

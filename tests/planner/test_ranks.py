@@ -71,3 +71,24 @@ def test_first_group_is_the_group_of_rank_zero(degrees):
     mesh = MeshShape(*degrees)
     for axis in ALL_AXES:
         assert list(mesh.first_group(axis)) == mesh.groups(axis)[0]
+
+
+def test_tp_pp_dp_order_keeps_pipeline_neighbours_close():
+    """Megatron's --use-tp-pp-dp-mapping: 16 ranks, tp2 pp2 dp4 ep4."""
+    mesh = MeshShape(tp=2, dp_shard=4, pp=2, ep=4, order="tp-cp-pp-dp")
+    assert mesh.groups("tp")[:2] == [[0, 1], [2, 3]]
+    assert mesh.groups("pp")[:2] == [[0, 2], [1, 3]]
+    assert mesh.groups("dp")[:2] == [[0, 4, 8, 12], [1, 5, 9, 13]]
+    # the expert mesh re-slices stage 0's dense block [0, 1, 4, 5, 8, 9, 12, 13]
+    assert mesh.groups("ep")[:2] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [0, 8] in mesh.groups("edp")
+    assert list(mesh.sizes("dense")) == ["tp", "cp", "pp", "dp_shard", "dp_replicate"]
+    for axis in ALL_AXES:
+        groups = mesh.groups(axis)
+        assert sorted(r for g in groups for r in g) == list(range(16))
+        assert list(mesh.first_group(axis)) == groups[0]
+
+
+def test_unknown_order_is_refused():
+    with pytest.raises(ValueError, match="order"):
+        MeshShape(tp=2, order="pp-dp-tp")

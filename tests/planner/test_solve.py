@@ -57,6 +57,9 @@ def test_every_configuration_of_the_space_resolves():
     assert any(c.vpp > 1 for c in configs) and all(c.dp_replicate == 1 for c in configs)
     hsdp = Space(TINY, (16,), 64, 256, 8, parse_pins("zero=3,dp_replicate=2"))
     assert {(c.zero, c.dp_replicate) for c in hsdp.configs()} == {(3, 2)}
+    # the second rank order only where it changes the groups
+    assert {c.order for c in configs} == {"tp-cp-dp-pp", "tp-cp-pp-dp"}
+    assert all(c.pp > 1 and c.dp > 1 for c in configs if c.order == "tp-cp-pp-dp")
 
 
 def test_pins_restrict_the_space_and_unknown_pins_are_refused():
@@ -66,6 +69,9 @@ def test_pins_restrict_the_space_and_unknown_pins_are_refused():
         parse_pins("recompute=1")
     with pytest.raises(LayoutError, match="positive integer"):
         parse_pins("tp=two")
+    assert parse_pins("order=tp-cp-pp-dp") == {"order": "tp-cp-pp-dp"}
+    with pytest.raises(LayoutError, match="rank order"):
+        parse_pins("order=dp-tp")
 
 
 def test_integer_tables_agree_with_the_cost_model():

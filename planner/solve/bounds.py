@@ -48,6 +48,8 @@ class Bounds:
         self._pp: dict[tuple, int] = {}
         self._statics: dict[tuple, float] = {}
         self._cap_cache: dict[tuple, dict[str, int]] = {}
+        self._optimizer: dict[tuple, int | None] = {}
+        self._works: dict[tuple, int] = {}
 
     def _model(self, c: Config):
         """A cost model with c's inner degrees (segment times and memory depend on
@@ -86,23 +88,33 @@ class Bounds:
 
     def quick(self, c: Config) -> int | None:
         """The cheap bound, or None when the static memory alone cannot fit."""
+        optimizer = self._static_and_optimizer(c)
+        if optimizer is None:
+            return None
+        return self._pipeline(c, self._work(c)) + optimizer
+
+    def _static_and_optimizer(self, c: Config) -> int | None:
+        """The mean stage's optimizer ns, or None when the static memory cannot fit on pp
+        GPUs; memoised (it does not depend on vpp or the micro-batch)."""
+        key = (c.gpus, c.tp, c.cp, c.pp, c.ep, c.etp, c.zero, c.dp_replicate)
+        if key in self._optimizer:
+            return self._optimizer[key]
         model = self._model(c)
         kinds = {**self.counts, "embedding": 1, "head": 1}
-        work = self._work(c)
-        static = sum(n * self._static(c, k) for k, n in kinds.items())
         if c.pp > 1:
             kinds["tied_head"] = 1
-            static += self._static(c, "tied_head")
-        if static / c.pp > self._budget(c):
-            return None
-        seg = model.memory_model.segment
-        shards = zero_shards(c) if c.zero >= 1 else (1, 1)
-        local = sum(
-            n * (seg[k].dense / shards[0] + seg[k].expert / shards[1]) for k, n in kinds.items()
-        )
-        slack = self.segs.layers + len(kinds)  # per-segment rounding of the tables, in ns
-        optimizer = max(ns(model.optimizer_seconds(local / c.pp)) - slack, 0)
-        return self._pipeline(c, work) + optimizer
+        static = sum(n * self._static(c, k) for k, n in kinds.items())
+        optimizer = None
+        if static / c.pp <= self._budget(c):
+            seg = model.memory_model.segment
+            shards = zero_shards(c) if c.zero >= 1 else (1, 1)
+            local = sum(
+                n * (seg[k].dense / shards[0] + seg[k].expert / shards[1]) for k, n in kinds.items()
+            )
+            slack = self.segs.layers + len(kinds)  # per-segment rounding of the tables, ns
+            optimizer = max(ns(model.optimizer_seconds(local / c.pp)) - slack, 0)
+        self._optimizer[key] = optimizer
+        return optimizer
 
     def memory(self, c: Config) -> int | None:
         """The bound with memory-forced recompute, or None when nothing can host the
@@ -136,10 +148,13 @@ class Bounds:
 
     def _work(self, c: Config) -> int:
         """ns of every segment's forward and backward per micro-batch, no recompute."""
-        times = self._model(c).segment_times
-        kinds = {**self.counts, "embedding": 1, "head": 1}
-        work = sum(n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in kinds.items())
-        return work + c.pp * self._pp_work(c)
+        key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs, c.order, c.pp)
+        if key not in self._works:
+            times = self._model(c).segment_times
+            kinds = {**self.counts, "embedding": 1, "head": 1}
+            work = sum(n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in kinds.items())
+            self._works[key] = work + c.pp * self._pp_work(c)
+        return self._works[key]
 
     def _pipeline(self, c: Config, work: int, slowest: int = 0) -> int:
         """The pipeline term for total stage work `work` and a slowest stage of at least

@@ -27,6 +27,7 @@ plan found with its bound and gap.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import signal
@@ -165,6 +166,7 @@ class Searcher:
             spec, tuple(sorted(clusters)), global_batch, seq_len, any_cluster.scaleup_domain, pins
         )
         self._tables: dict[Config, ConfigTables] = {}
+        self._floors: dict[Config, dict[str, int]] = {}
         self.bounds = Bounds(self)
 
     # -- cost model access -----------------------------------------------------------------
@@ -314,7 +316,10 @@ class Searcher:
     def _dp_floor(self, config: Config) -> int:
         """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
         stages' floors), from the configuration's data-parallel collectives."""
-        floors = exposed_floors(self.cost_model(config))
+        key = dataclasses.replace(config, vpp=1)  # the floor does not depend on vpp
+        if key not in self._floors:
+            self._floors[key] = exposed_floors(self.cost_model(config))
+        floors = self._floors[key]
         counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
         counts.update(embedding=1, head=1, tied_head=int(config.pp > 1))
         floor = sum(n * floors[k] for k, n in counts.items())

@@ -7,8 +7,6 @@ imported when a model is traced.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tera.planner.layout import Layout, LayoutError
 
 __all__ = ["Layout", "LayoutError", "evaluate"]
@@ -27,23 +25,11 @@ def evaluate(
     """Cost one layout. `model` is a ModelSpec, preset name or YAML path; `cluster` a
     Cluster, preset name or YAML path (sized to `gpus` when given); `layout` a Layout or
     layout string. Returns a tera.planner.cost.Estimate."""
-    from tera.models import ModelSpec, load_spec
-    from tera.planner.cost import PRECISIONS, CostModel
+    from tera.planner.cost import CostModel
+    from tera.planner.inputs import load_problem
     from tera.planner.trace import trace
-    from tera.topologies import load
 
-    spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    if isinstance(cluster, (str, Path)):
-        cluster = load(cluster, gpus=gpus)
-    elif gpus is not None and gpus != cluster.num_gpus:
-        raise LayoutError("gpus", f"{gpus} given for a {cluster.num_gpus}-GPU cluster", "pass one")
-    if precision not in PRECISIONS:
-        raise LayoutError("precision", f"unknown {precision!r}", f"use {'|'.join(PRECISIONS)}")
-    for name, value in (("global_batch", global_batch), ("seq_len", seq_len)):
-        if not isinstance(value, int) or value < 1:
-            raise LayoutError(name, f"must be a positive integer, got {value!r}", "fix it")
-    if imbalance < 1.0:
-        raise LayoutError("imbalance", f"{imbalance} < 1", "the busiest expert is >= the mean")
+    spec, cluster = load_problem(model, cluster, gpus, precision, global_batch, seq_len, imbalance)
     parsed = layout if isinstance(layout, Layout) else Layout.parse(layout)
     resolved = parsed.resolve(spec, cluster.num_gpus, global_batch, seq_len)
     graph = trace(spec, seq_len)

@@ -47,7 +47,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
-from tera.planner.cost.memory import MemoryModel, StageMemory, zero_shards
+from tera.planner.cost.memory import MemoryModel, StageMemory, sharded_params, zero_shards
 from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage, segments, split_stages
 from tera.planner.layout import Layout
 
@@ -167,7 +167,7 @@ class CostModel:
         self.act_scale = self.weight_scale = 2.0 if precision == "fp32" else 1.0
         self.segs: Segments = graph_segments(graph)
         self.cal = calibration if calibration is not None else Calibration.load()
-        self._comm: dict[str, float] = {}  # calibration-free collective seconds
+        self._comm: dict[str, object] = {}  # calibration-free collective seconds
 
     @functools.cached_property
     def stages(self) -> list[Stage]:
@@ -181,7 +181,7 @@ class CostModel:
         other.__dict__.pop("segment_dp", None)
         return other
 
-    def _cached(self, key: str, compute) -> float:
+    def _cached(self, key: str, compute):
         if key not in self._comm:
             self._comm[key] = compute()
         return self._comm[key]
@@ -334,23 +334,16 @@ class CostModel:
         return {kind: self._segment_dp(kind) for kind in self.segs.totals}
 
     def _segment_dp(self, kind: str) -> SegmentDP:
-        L = self.layout
-        totals = self.segs.totals[kind]
-        dense = totals.dense_per_rank(L.tp)
-        expert = totals.expert_params / (L.ep * L.etp)
-        if f"dp_reduce/{kind}" not in self._comm:
-            reduce, gather = self._dp_collectives(kind)
-            self._comm[f"dp_reduce/{kind}"], self._comm[f"dp_gather/{kind}"] = reduce, gather
-        reduce, gather = self._comm[f"dp_reduce/{kind}"], self._comm[f"dp_gather/{kind}"]
-        shards, expert_shards = zero_shards(L) if L.zero >= 1 else (1, 1)
-        return SegmentDP(reduce, gather, dense / shards + expert / expert_shards)
+        L, seg = self.layout, self.memory_model.segment[kind]
+        reduce, gather = self._cached(f"dp/{kind}", lambda: self._dp_collectives(kind))
+        local = sharded_params(seg.dense, seg.expert, L.zero, zero_shards(L), 1)
+        return SegmentDP(reduce, gather, local)
 
     def _dp_collectives(self, kind: str) -> tuple[float, float]:
         """Seconds per step of one segment's gradient reduction and parameter gathering."""
         L, c = self.layout, self.collectives
-        totals = self.segs.totals[kind]
-        dense = totals.dense_per_rank(L.tp)
-        expert = totals.expert_params / (L.ep * L.etp)
+        seg = self.memory_model.segment[kind]  # parameters per rank before ZeRO
+        dense, expert = seg.dense, seg.expert
         grad_bytes = 2 if self.precision != "fp32" else 4  # grads reduce in bf16 (Megatron's
         weight_bytes = 2 if self.precision != "fp32" else 4  # --grad-reduce-in-bf16 default)
         reduce = gather = 0.0

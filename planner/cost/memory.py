@@ -72,19 +72,27 @@ def zero_shards(layout) -> tuple[int, int]:
     return dense, expert
 
 
+def sharded_params(
+    dense: float, expert: float, zero: int, shards: tuple[int, int], from_stage: int
+) -> float:
+    """Parameters' worth of a state one rank holds: divided over the ZeRO `shards`
+    (zero_shards) when the run's stage `zero` shards that state (from `from_stage` on:
+    1 optimizer, 2 gradients, 3 weights), whole otherwise."""
+    if zero >= from_stage:
+        return dense / shards[0] + expert / shards[1]
+    return dense + expert
+
+
 def static_bytes(
     dense: float, expert: float, zero: int, shards: tuple[int, int], precision: str
 ) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes of `dense` and `expert` parameters
     per rank (before ZeRO) under ZeRO stage `zero` over `shards` (zero_shards)."""
-    dense_shards, expert_shards = shards
-
-    def sharded(stage_zero: int) -> float:
-        if zero >= stage_zero:
-            return dense / dense_shards + expert / expert_shards
-        return dense + expert
-
     w_bytes, g_bytes, o_bytes = BYTES_PER_PARAM[precision]
+
+    def sharded(from_stage: int) -> float:
+        return sharded_params(dense, expert, zero, shards, from_stage)
+
     return w_bytes * sharded(3), g_bytes * sharded(2), o_bytes * sharded(1)
 
 

@@ -82,6 +82,28 @@ class Segments:
     def layers(self) -> int:
         return len(self.block_kinds)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the head keeps its own copy of a tied embedding (pp > 1)."""
+        return bool(self.totals["tied_head"].dense_params)
+
+    def held(self, stage: int, pp: int) -> dict[str, int]:
+        """The segments other than blocks that `stage` of `pp` holds whatever the
+        partition: the embedding on the first, the head (and a tied copy of the
+        embedding, pp > 1) on the last (the last chunk runs on stage pp - 1)."""
+        last = stage == pp - 1
+        return {
+            "embedding": int(stage == 0),
+            "head": int(last),
+            "tied_head": int(last and pp > 1 and self.tied),
+        }
+
+    def whole_model(self, pp: int) -> dict[str, int]:
+        """How many segments of each kind `pp` stages hold together."""
+        counts = {k: self.block_kinds.count(k) for k in BLOCK_KINDS}
+        counts.update(embedding=1, head=1, tied_head=int(pp > 1 and self.tied))
+        return counts
+
     def dense_before(self, block: int) -> int:
         """Dense blocks among blocks 0 .. block-1."""
         return sum(1 for kind in self.block_kinds[:block] if kind == "dense")
@@ -165,10 +187,7 @@ def split_stages(segs: Segments, layout) -> list[Stage]:
         for first, last in chunks:
             for x in range(first, last + 1):
                 counts[segs.block_kinds[x]] += 1
-        counts["embedding"] = int(s == 0)
-        counts["head"] = int(s == (len(bounds) - 1) % pp)
-        tied = bool(segs.totals["tied_head"].dense_params)
-        counts["tied_head"] = int(counts["head"] and pp > 1 and tied)
+        counts.update(segs.held(s, pp))
         totals = Totals()
         for kind, n in counts.items():
             totals.add_totals(segs.totals[kind], n)

@@ -31,7 +31,13 @@ import math
 
 import numpy as np
 
-from tera.planner.cost.memory import in_flight_chunks, static_bytes, zero_shards
+from tera.planner.cost.memory import (
+    in_flight_chunks,
+    sharded_params,
+    static_bytes,
+    zero_shards,
+)
+from tera.planner.cost.stages import BLOCK_KINDS
 from tera.planner.ranks import DEFAULT_ORDER
 from tera.planner.solve.space import Config
 from tera.planner.solve.tables import MODES, ns
@@ -43,7 +49,7 @@ class Bounds:
     def __init__(self, searcher):
         self.s = searcher
         self.segs = searcher.segs
-        self.counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
+        self.counts = {k: self.segs.block_kinds.count(k) for k in BLOCK_KINDS}
         self._inner: dict[tuple, object] = {}
         self._pp: dict[tuple, int] = {}
         self._statics: dict[tuple, float] = {}
@@ -100,16 +106,14 @@ class Bounds:
         if key in self._optimizer:
             return self._optimizer[key]
         model = self._model(c)
-        kinds = {**self.counts, "embedding": 1, "head": 1}
-        if c.pp > 1:
-            kinds["tied_head"] = 1
+        kinds = self.segs.whole_model(c.pp)
         static = sum(n * self._static(c, k) for k, n in kinds.items())
         optimizer = None
         if static / c.pp <= self._budget(c):
-            seg = model.memory_model.segment
-            shards = zero_shards(c) if c.zero >= 1 else (1, 1)
+            seg, shards = model.memory_model.segment, zero_shards(c)
             local = sum(
-                n * (seg[k].dense / shards[0] + seg[k].expert / shards[1]) for k, n in kinds.items()
+                n * sharded_params(seg[k].dense, seg[k].expert, c.zero, shards, 1)
+                for k, n in kinds.items()
             )
             slack = self.segs.layers + len(kinds)  # per-segment rounding of the tables, ns
             optimizer = max(ns(model.optimizer_seconds(local / c.pp)) - slack, 0)
@@ -151,7 +155,7 @@ class Bounds:
         key = (c.gpus, c.tp, c.cp, c.ep, c.etp, c.mbs, c.order, c.pp)
         if key not in self._works:
             times = self._model(c).segment_times
-            kinds = {**self.counts, "embedding": 1, "head": 1}
+            kinds = self.segs.whole_model(c.pp)
             work = sum(n * (ns(times[k].forward) + ns(times[k].backward)) for k, n in kinds.items())
             self._works[key] = work + c.pp * self._pp_work(c)
         return self._works[key]
@@ -219,7 +223,7 @@ class Bounds:
         memory, seg = model.memory_model, model.memory_model.segment
         m = self.s.global_batch // (c.dp * c.mbs)
         inflight = in_flight_chunks(stage, c.pp, c.vpp, m)
-        held = self._held(c, stage)
+        held = [k for k, n in self.segs.held(stage, c.pp).items() if n]
         fixed = memory.buffers([*held, kind]) + sum(self._static(c, k) for k in held)
         budget = c.vpp * (self._budget(c) - fixed)
         budget -= inflight * sum(seg[k].saved["none"] for k in held)
@@ -229,15 +233,6 @@ class Bounds:
             per_block = c.vpp * self._static(c, kind) + inflight * seg[kind].saved[r]
             caps[r] = max(0, math.floor(left / per_block)) if per_block > 0 else 10**9
         return caps
-
-    def _held(self, c: Config, stage: int) -> list[str]:
-        """Segments a stage holds whatever the partition."""
-        held = []
-        if stage == 0:
-            held.append("embedding")
-        if stage == c.pp - 1:
-            held += ["head", "tied_head"] if c.pp > 1 else ["head"]
-        return held
 
     def _stage_points(self, c: Config, stage: int, kind: str):
         """(blocks, recompute ns) when a stage holds as many blocks of `kind` as fit in one

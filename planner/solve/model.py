@@ -103,7 +103,6 @@ class Formulation:
             d = m.new_int_var(0, prefix[layers], f"{tag}De{c}")
             m.add_element(end, prefix, d)
             dense_upto.append(d)
-        tied = bool(segs.totals["tied_head"].dense_params) and pp > 1
         counts, fixed, modes, products, has, full_has = [], [], [], [], [], []
         for s in range(pp):
             own = range(s, chunks, pp)
@@ -114,10 +113,7 @@ class Formulation:
             m.add(dense == dense_expr)
             m.add(moe == blocks - dense_expr)
             count = {"dense": dense, "moe": moe}
-            last = s == (chunks - 1) % pp
-            fixed.append(
-                {"embedding": int(s == 0), "head": int(last), "tied_head": int(last and tied)}
-            )
+            fixed.append(segs.held(s, pp))
             mode = {r: m.new_bool_var(f"{tag}s{s}{r}") for r in MODES}
             m.add_exactly_one(mode.values())
             product = {}

@@ -184,7 +184,7 @@ class Searcher:
 
     def tables(self, config: Config) -> ConfigTables:
         if config not in self._tables:
-            self._tables[config] = ConfigTables.build(self.cost_model(config), self.reserve)
+            self._tables[config] = ConfigTables.build(config, self.cost_model(config), self.reserve)
         return self._tables[config]
 
     def weight(self, config: Config) -> int:
@@ -320,9 +320,7 @@ class Searcher:
         if key not in self._floors:
             self._floors[key] = exposed_floors(self.cost_model(config))
         floors = self._floors[key]
-        counts = {k: self.segs.block_kinds.count(k) for k in ("dense", "moe")}
-        counts.update(embedding=1, head=1, tied_head=int(config.pp > 1))
-        floor = sum(n * floors[k] for k, n in counts.items())
+        floor = sum(n * floors[k] for k, n in self.segs.whole_model(config.pp).items())
         return floor // config.pp * self.weight(config)
 
     def _solve_one(
@@ -401,20 +399,14 @@ def search(
     a Cluster, preset or YAML path (sized to `gpus`). With objective="cost" the search
     may also use fewer GPUs (the cluster halved down to one scale-up domain) and
     minimises dollars per token at `price_per_gpu_hour`."""
-    from tera.models import ModelSpec, load_spec
-    from tera.planner.cost import PRECISIONS
+    from tera.planner.inputs import load_problem
     from tera.planner.solve.space import parse_pins
-    from tera.topologies import load
 
-    spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    full = load(cluster, gpus=gpus) if not hasattr(cluster, "num_gpus") else cluster
-    if precision not in PRECISIONS:
-        raise LayoutError("precision", f"unknown {precision!r}", f"use {'|'.join(PRECISIONS)}")
+    spec, full = load_problem(model, cluster, gpus, precision, global_batch, seq_len, imbalance)
     if objective not in OBJECTIVES:
         raise LayoutError("objective", f"unknown {objective!r}", f"use {'|'.join(OBJECTIVES)}")
-    for name, value in (("global_batch", global_batch), ("seq_len", seq_len), ("top", top)):
-        if not isinstance(value, int) or value < 1:
-            raise LayoutError(name, f"must be a positive integer, got {value!r}", "fix it")
+    if not isinstance(top, int) or top < 1:
+        raise LayoutError("top", f"must be a positive integer, got {top!r}", "fix it")
     if time_limit is not None and time_limit <= 0:
         raise LayoutError("time_limit", f"must be positive, got {time_limit}", "fix it")
     if price_per_gpu_hour <= 0:

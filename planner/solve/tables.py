@@ -70,18 +70,16 @@ class ConfigTables:
     budget: int  # KiB of HBM per GPU less the reserve
 
     @classmethod
-    def build(cls, cost: CostModel, reserve_bytes: float) -> ConfigTables:
-        L = cost.layout
-        config = Config(
-            L.dp * L.tp * L.cp * L.pp, L.tp, L.cp, L.pp, L.vpp, L.ep, L.etp, L.zero,
-            L.dp_replicate, L.mbs, L.order,
-        )  # fmt: skip
+    def build(cls, config: Config, cost: CostModel, reserve_bytes: float) -> ConfigTables:
+        """The tables of `config` from its cost model (built on config's layout)."""
         times, dp, memory = cost.segment_times, cost.segment_dp, cost.memory_model
         pp = cost.pp_time()
         gathered = {}
         for kind in SEGMENT_KINDS:
             seg = memory.segment[kind]
-            gathered[kind] = kib_up(memory.w_bytes * (seg.dense + seg.expert)) if L.zero == 3 else 0
+            gathered[kind] = (
+                kib_up(memory.w_bytes * (seg.dense + seg.expert)) if config.zero == 3 else 0
+            )
         base = memory.buffers([])
         return cls(
             config=config,
@@ -105,9 +103,10 @@ class ConfigTables:
             working={k: kib_up(seg.working) for k, seg in memory.segment.items()},
             gathered=gathered,
             base_buffers=kib_up(base),
-            moe_buffers=kib_up(memory.buffers(["moe"]) - base) if L.ep > 1 else 0,
+            moe_buffers=kib_up(memory.buffers(["moe"]) - base) if config.ep > 1 else 0,
             inflight=tuple(
-                in_flight_chunks(s, L.pp, L.vpp, cost.microbatches) for s in range(L.pp)
+                in_flight_chunks(s, config.pp, config.vpp, cost.microbatches)
+                for s in range(config.pp)
             ),
             budget=math.floor((cost.gpu.hbm_bytes - reserve_bytes) / KIB),
         )

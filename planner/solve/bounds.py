@@ -26,6 +26,7 @@ and recompute assignment of the configuration:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -172,9 +173,11 @@ class Bounds:
 
     def _least_recompute(self, c: Config, kind: str, blocks: int) -> float | None:
         """ns of recompute that hosting `blocks` blocks of `kind` needs at least."""
+        rec = self._model(c).segment_times[kind].recompute
+        slopes = tuple(ns(rec[r]) for r in MODES)
         pieces = []
-        for stage in range(c.pp):
-            pieces += _hull_pieces(self._stage_points(c, stage, kind))
+        for caps in self._caps(c, kind).tolist():
+            pieces += _hull_pieces(tuple(caps), slopes)
         pieces.sort()
         need, cost = float(blocks), 0.0
         for slope, length in pieces:
@@ -191,10 +194,8 @@ class Bounds:
         memory, and no stage slower than T (fixed: each stage's time without blocks)."""
         model = self._model(c)
         times = model.segment_times[kind]
-        block = {r: ns(times.forward) + ns(times.backward) + ns(times.recompute[r]) for r in MODES}
-        caps = np.array(
-            [list(self._caps(c, stage, kind).values()) for stage in range(c.pp)]
-        )  # stage x mode, modes in MODES order
+        block = [ns(times.forward) + ns(times.backward) + ns(times.recompute[r]) for r in MODES]
+        caps = self._caps(c, kind)  # stage x mode, modes in MODES order
         if caps.max(axis=1).sum() < blocks:
             return None
         # t_s(k) = fixed_s + k * (the fastest block time among modes that fit k blocks)
@@ -202,53 +203,55 @@ class Bounds:
         # smallest t_s(k) over all stages s and k >= 1 (and at least every fixed_s).
         k = np.arange(1, blocks + 1)
         fastest = np.full((c.pp, blocks), np.inf)
-        for r, mode in enumerate(MODES):
+        for r in range(len(MODES)):
             fits = k[None, :] <= caps[:, r : r + 1]
-            fastest = np.where(fits, np.minimum(fastest, block[mode]), fastest)
+            fastest = np.where(fits, np.minimum(fastest, block[r]), fastest)
         times = np.asarray(fixed, dtype=float)[:, None] + k[None, :] * fastest
         kth = np.partition(times.ravel(), blocks - 1)[blocks - 1]
         return max(max(fixed), int(kth))
 
-    def _caps(self, c: Config, stage: int, kind: str) -> dict[str, int]:
-        """Blocks of `kind` a stage can hold in each recompute mode, counting what such a
-        stage holds whatever its partition (embedding or head, buffers, gathered and
-        working blocks)."""
-        key = (c, stage, kind)
+    def _caps(self, c: Config, kind: str) -> np.ndarray:
+        """Blocks of `kind` each stage can hold in each recompute mode (stage x mode,
+        modes in MODES order), counting what the stage holds whatever its partition
+        (embedding or head, buffers, gathered and working blocks)."""
+        key = (c, kind)
         if key not in self._cap_cache:
-            self._cap_cache[key] = self._count_caps(c, stage, kind)
+            self._cap_cache[key] = self._count_caps(c, kind)
         return self._cap_cache[key]
 
-    def _count_caps(self, c: Config, stage: int, kind: str) -> dict[str, int]:
+    def _count_caps(self, c: Config, kind: str) -> np.ndarray:
         model = self._model(c)
         memory, seg = model.memory_model, model.memory_model.segment
         m = self.s.global_batch // (c.dp * c.mbs)
-        inflight = in_flight_chunks(stage, c.pp, c.vpp, m)
-        held = [k for k, n in self.segs.held(stage, c.pp).items() if n]
-        fixed = memory.buffers([*held, kind]) + sum(self._static(c, k) for k in held)
-        budget = c.vpp * (self._budget(c) - fixed)
-        budget -= inflight * sum(seg[k].saved["none"] for k in held)
-        caps = {}
-        for r in MODES:
-            left = budget - (c.vpp * seg[kind].working if r == "full" else 0)
-            per_block = c.vpp * self._static(c, kind) + inflight * seg[kind].saved[r]
-            caps[r] = max(0, math.floor(left / per_block)) if per_block > 0 else 10**9
-        return caps
+        inflight = np.array([in_flight_chunks(s, c.pp, c.vpp, m) for s in range(c.pp)])
+        # what a stage holds besides blocks: only the first and the last differ
+        held_fixed, held_saved = np.empty(c.pp), np.empty(c.pp)
+        for stage in {0, c.pp // 2, c.pp - 1}:
+            held = [k for k, n in self.segs.held(stage, c.pp).items() if n]
+            fixed = memory.buffers([*held, kind]) + sum(self._static(c, k) for k in held)
+            saved = sum(seg[k].saved["none"] for k in held)
+            rows = slice(stage, stage + 1) if stage in (0, c.pp - 1) else slice(1, c.pp - 1)
+            held_fixed[rows], held_saved[rows] = fixed, saved
+        budget = c.vpp * (self._budget(c) - held_fixed) - inflight * held_saved
+        block = seg[kind]
+        working = np.array([c.vpp * block.working if r == "full" else 0.0 for r in MODES])
+        saved = np.array([block.saved[r] for r in MODES])
+        left = budget[:, None] - working[None, :]  # stage x mode
+        per_block = c.vpp * self._static(c, kind) + inflight[:, None] * saved[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            count = np.where(per_block > 0, np.floor(left / per_block), 10**9)
+        return np.maximum(count, 0).astype(np.int64)
 
-    def _stage_points(self, c: Config, stage: int, kind: str):
-        """(blocks, recompute ns) when a stage holds as many blocks of `kind` as fit in one
-        mode, for each mode, plus the origin: their lower hull bounds the stage's recompute
-        for any number of blocks, modes mixed."""
-        rec = self._model(c).segment_times[kind].recompute
-        caps = self._caps(c, stage, kind)
-        return [(0.0, 0.0)] + [(caps[r], ns(rec[r]) * caps[r]) for r in MODES]
 
-
-def _hull_pieces(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(slope, length) of the lower convex hull of points sorted by x, from x = 0 to the
-    largest x; the first point is the origin."""
-    lowest: dict[float, float] = {}
-    for x, y in points:
-        lowest[x] = min(y, lowest.get(x, y))
+@functools.lru_cache(maxsize=1 << 16)
+def _hull_pieces(caps: tuple[int, ...], slopes: tuple[int, ...]) -> tuple[tuple[float, float], ...]:
+    """(slope, length) of the lower convex hull of the origin and the points
+    (caps[r], slopes[r] * caps[r]): a stage holding as many blocks as fit in one mode, for
+    each mode. The hull bounds the stage's recompute ns for any number of blocks, modes
+    mixed. Memoised: stages of many configurations share their caps."""
+    lowest: dict[float, float] = {0.0: 0.0}
+    for x, slope in zip(caps, slopes, strict=True):
+        lowest[x] = min(slope * x, lowest.get(x, slope * x))
     points = sorted(lowest.items())
     hull: list[tuple[float, float]] = []
     for p in points:
@@ -259,8 +262,8 @@ def _hull_pieces(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             else:
                 break
         hull.append(p)
-    return [
+    return tuple(
         ((y2 - y1) / (x2 - x1), x2 - x1)
         for (x1, y1), (x2, y2) in itertools.pairwise(hull)
         if x2 > x1
-    ]
+    )

@@ -41,6 +41,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_TOKEN_SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def _token_count(text: str) -> float:
+    """A token count: a number with an optional K, M, B (or G) or T suffix, e.g. 15T."""
+    number, scale = text.strip(), 1.0
+    if number[-1:].upper() in _TOKEN_SUFFIXES:
+        number, scale = number[:-1], _TOKEN_SUFFIXES[number[-1].upper()]
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 15T, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tera-plan", description="Plan the parallel layout of MoE training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -62,7 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", default="", help="pin keys, e.g. tp=2,ep=8")
     p.add_argument("--top", type=_positive_int, default=3, help="plans to rank (default 3)")
     p.add_argument("--time-limit", type=float, help="seconds; the best plan so far and its gap")
-    p.add_argument("--objective", choices=("step_time", "cost"), default="step_time")
+    p.add_argument(
+        "--objective",
+        choices=("step_time", "cost", "gpus"),
+        default="step_time",
+        help="step_time (default); cost: USD per token; gpus: the fewest GPUs (up to --gpus) "
+        "that train --tokens within --days",
+    )
+    p.add_argument("--tokens", type=_token_count, help="tokens to train, e.g. 15T (gpus)")
+    p.add_argument("--days", type=_positive_float, help="the deadline in days (gpus)")
     p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
     p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
     p.add_argument("-o", "--output", help="write the best plan as plan.json")
@@ -249,6 +284,9 @@ def _search(args) -> int:
     from tera.planner.plan import Plan
     from tera.planner.solve import search
 
+    if args.objective == "gpus" and (args.tokens is None or args.days is None):
+        print("error: --objective gpus needs --tokens and --days (the deadline)", file=sys.stderr)
+        return 2
     console = _console()
     quiet = args.json
     with console.status("tracing and bounding the space ...", spinner="dots") as status:
@@ -274,6 +312,8 @@ def _search(args) -> int:
             reserve_gib=args.reserve_gib,
             imbalance=args.imbalance,
             progress=progress,
+            tokens=args.tokens,
+            deadline_days=args.days,
         )
     if args.output:
         best = result.best
@@ -292,7 +332,9 @@ def _search(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     c = result.certificate
-    unit = "s/step" if c.objective_kind == "step_time" else "USD per million tokens"
+    unit = {"step_time": "s/step", "cost": "USD per million tokens", "gpus": "GPUs"}[
+        c.objective_kind
+    ]
     console.print(
         f"[bold]{c.status}[/] objective {c.objective:.4g} {unit}, bound {c.bound:.4g}, "
         f"gap {c.gap:.2%}, {c.seconds:.1f} s; {result.space_size} configurations, "
@@ -301,7 +343,8 @@ def _search(args) -> int:
     )
     table = _table(
         "top plans",
-        ["#", "layout", "step s", "MFU", "tokens/s/GPU", "peak GiB", "vs #1", "largest parts"],
+        ["#", "GPUs", "layout", "step s", "MFU", "tokens/s/GPU", "peak GiB", "vs #1"]
+        + ["largest parts"],
     )
     first = result.best.estimate.step_time_s
     for plan in result.plans:
@@ -309,6 +352,7 @@ def _search(args) -> int:
         parts = sorted(e.breakdown_s.items(), key=lambda kv: -kv[1])[:3]
         table.add_row(
             str(plan.rank),
+            str(plan.config.gpus),
             _short_layout(plan.layout),
             f"{e.step_time_s:.4g}",
             f"{e.mfu:.1%}",

@@ -60,7 +60,7 @@ READABLE_VERSIONS = (1,)  # schema versions this tera reads
 PRECISIONS = ("bf16", "fp8", "fp32")
 CERTIFICATE_KEYS = ("status", "objective", "objective_kind", "bound", "gap", "seconds")
 CERTIFICATE_STATUSES = ("OPTIMAL", "FEASIBLE")
-OBJECTIVE_KINDS = ("step_time", "cost")
+OBJECTIVE_KINDS = ("step_time", "cost", "gpus")  # solve.objective.OBJECTIVES (a test)
 PREDICTION_KEYS = {  # required key -> JSON type name
     "step_time_s": "number",
     "fits": "boolean",

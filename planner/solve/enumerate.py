@@ -46,14 +46,15 @@ def enumerate_space(searcher: Searcher) -> Enumerated:
     layers = searcher.segs.layers
     for config in searcher.space.configs():
         tables = searcher.tables(config)
-        weight = searcher.weight(config)
         for partition in compositions(layers, config.pp * config.vpp):
             for recompute in itertools.product(MODES, repeat=config.pp):
                 count += 1
                 step = tables.step_ns(stages_of(searcher.segs, config, partition, recompute))
                 if step is None:
                     continue
-                value = step * weight
+                value = searcher.objective.value(config, step)
+                if value is None:
+                    continue
                 if best.objective_ns is None or value < best.objective_ns:
                     best = Enumerated(value, config, partition, recompute, 0)
     return Enumerated(best.objective_ns, best.config, best.partition, best.recompute, count)

@@ -24,11 +24,11 @@ Constraints
   value above all pieces); O >= the optimizer time of every stage; memory of every
   stage <= the budget, once for each choice of the max terms (max(a, b) + c <= cap is
   a + c <= cap and b + c <= cap).
-Objective: minimise weight * (P + D + O), the step time (weight 1) or the GPU-seconds of
-a step (weight = GPUs, for dollars per token). Every coefficient is an integer from the
-tables, so the optimum equals tables.step_ns minimised over the same candidates: the
-model is exact, not a relaxation. The search (search.py) adds "objective < cutoff" to
-refute configurations that cannot enter the top K.
+Objective: minimise P + D + O, the step time (objective.py turns it into the value the
+search ranks by: GPU-seconds for cost, GPUs first for a deadline). Every coefficient is
+an integer from the tables, so the optimum equals tables.step_ns minimised over the same
+candidates: the model is exact, not a relaxation. The search (search.py) adds
+"objective < cutoff" to refute configurations that cannot enter the top K.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Shape:
 class Formulation:
     """The CP-SAT model of one configuration (see the module docstring)."""
 
-    def __init__(self, segs: Segments, tables: ConfigTables, weight: int = 1):
+    def __init__(self, segs: Segments, tables: ConfigTables):
         self.segs = segs
         self.model = cp_model.CpModel()
         self.tables = tables
@@ -70,7 +70,7 @@ class Formulation:
         self.pipeline = self.model.new_int_var(0, horizon, "P")
         self.dp = self.model.new_int_var(0, horizon, "D")
         self.optimizer = self.model.new_int_var(0, horizon, "O")
-        self.objective = weight * (self.pipeline + self.dp + self.optimizer)
+        self.objective = self.pipeline + self.dp + self.optimizer
         self.model.minimize(self.objective)
         self.shape = self._shape(tables.config.pp, tables.config.vpp)
         self._add_config(tables)

@@ -42,10 +42,10 @@ from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
 from tera.planner.layout import Layout, LayoutError, even_partition
 from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
+from tera.planner.solve.objective import OBJECTIVES, Objective, gpu_counts, step_limit_ns
 from tera.planner.solve.space import Config, Space
-from tera.planner.solve.tables import MODES, NS, ConfigTables, exposed_floors, stages_of
+from tera.planner.solve.tables import MODES, ConfigTables, exposed_floors, stages_of
 
-OBJECTIVES = ("step_time", "cost")
 # A configuration's CP-SAT solve gets SHORT_SOLVE seconds in bound order, so that one hard
 # configuration cannot stall the search, and those cut short that can still win get
 # LONG_SOLVE seconds at the end; what is still open then counts in the certificate.
@@ -144,7 +144,7 @@ class Searcher:
         seq_len: int,
         precision: str,
         pins: dict,
-        objective: str,
+        objective: Objective | str,
         reserve_bytes: float,
         imbalance: float,
         calibration: Calibration | None,
@@ -156,6 +156,8 @@ class Searcher:
 
         self.spec, self.clusters = spec, clusters
         self.global_batch, self.seq_len, self.precision = global_batch, seq_len, precision
+        if isinstance(objective, str):
+            objective = Objective(objective)
         self.objective, self.reserve = objective, reserve_bytes
         self.imbalance = imbalance
         self.cal = calibration or Calibration.load()
@@ -187,9 +189,6 @@ class Searcher:
             self._tables[config] = ConfigTables.build(config, self.cost_model(config), self.reserve)
         return self._tables[config]
 
-    def weight(self, config: Config) -> int:
-        return config.gpus if self.objective == "cost" else 1
-
     # -- branch and bound ---------------------------------------------------------------
     def run(
         self,
@@ -203,12 +202,17 @@ class Searcher:
         report = progress or (lambda message: None)
         configs = list(self.space.configs())
         queue = []
+        fitting = 0
         for config in configs:
             bound = self.bounds.quick(config)
-            if bound is not None:
-                queue.append((bound * self.weight(config), False, config))
+            if bound is None:
+                continue
+            fitting += 1
+            value = self.objective.value(config, bound)
+            if value is not None:
+                queue.append((value, False, config))
         if not queue:
-            raise self._infeasible(configs)
+            raise self._infeasible(configs, fitting)
         heapq.heapify(queue)
         report(f"{len(configs)} configurations, {len(queue)} may fit")
         previous = signal.signal(signal.SIGINT, stop)
@@ -219,14 +223,14 @@ class Searcher:
         if not found:
             if stop.requested or stop.left() <= 0:
                 raise SearchError("stopped before any layout was found", "allow more time")
-            raise self._infeasible(configs)
+            raise self._infeasible(configs, fitting)
         plans = [self._plan(i + 1, *f) for i, f in enumerate(found)]
         best = found[0][2]
         bound = min(open_bound, best)
         certificate = Certificate(
             status="OPTIMAL" if open_bound >= best else "FEASIBLE",
             objective=self._in_units(best),
-            objective_kind=self.objective,
+            objective_kind=self.objective.kind,
             bound=self._in_units(bound),
             gap=(best - bound) / best if best else 0.0,
             seconds=time.monotonic() - start,
@@ -254,12 +258,14 @@ class Searcher:
             heapq.heappop(queue)
             if not tightened:
                 floor = self._dp_floor(config)
-                if cutoff is not None and bound + floor >= cutoff:
+                value = self.objective.value(config, self.bounds.quick(config) + floor)
+                if value is None or cutoff is not None and value >= cutoff:
                     continue  # cutoffs only fall, so it can never return
                 tighter = self.bounds.memory(config)
                 if tighter is not None:
-                    tighter = tighter * self.weight(config) + floor
-                    heapq.heappush(queue, (tighter, True, config))
+                    value = self.objective.value(config, tighter + floor)
+                    if value is not None:
+                        heapq.heappush(queue, (value, True, config))
                 continue
             solved += 1
             result, proven_bound = self._solve_one(config, cutoff, stop, workers, SHORT_SOLVE)
@@ -316,12 +322,14 @@ class Searcher:
     def _dp_floor(self, config: Config) -> int:
         """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
         stages' floors), from the configuration's data-parallel collectives."""
-        key = dataclasses.replace(config, vpp=1)  # the floor does not depend on vpp
+        # the floor depends neither on vpp nor, but through FSDP's per-micro-batch
+        # collectives, on the micro-batch size
+        key = dataclasses.replace(config, vpp=1, mbs=config.mbs if config.zero == 3 else 1)
         if key not in self._floors:
             self._floors[key] = exposed_floors(self.cost_model(config))
         floors = self._floors[key]
         floor = sum(n * floors[k] for k, n in self.segs.whole_model(config.pp).items())
-        return floor // config.pp * self.weight(config)
+        return floor // config.pp
 
     def _solve_one(
         self, config: Config, cutoff: int | None, stop: _Stop, workers: int, limit: float
@@ -329,10 +337,11 @@ class Searcher:
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
         or None when the solve was conclusive)."""
-        form = Formulation(self.segs, self.tables(config), self.weight(config))
+        form = Formulation(self.segs, self.tables(config))
         form.hint(*self._starting_point(config))
-        if cutoff is not None:
-            form.model.add(form.objective < cutoff)
+        step_cutoff = self.objective.step_cutoff(config, cutoff)
+        if step_cutoff is not None:
+            form.model.add(form.objective < step_cutoff)
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = workers
         # CP-SAT's own SIGINT handler would outlive the solve; ours stops the search.
@@ -342,20 +351,18 @@ class Searcher:
         if status == cp_model.INFEASIBLE:
             return None, None
         if status == cp_model.UNKNOWN:
-            bound = self.bounds.memory(config) * self.weight(config)
-            return None, max(bound, math.floor(solver.best_objective_bound))
+            bound = max(self.bounds.memory(config), math.floor(solver.best_objective_bound))
+            return None, self.objective.value(config, bound)  # None: misses the deadline
         partition, recompute = form.chosen(solver)
-        value = round(solver.objective_value)
-        unproven = None if status == cp_model.OPTIMAL else math.floor(solver.best_objective_bound)
+        value = self.objective.value(config, round(solver.objective_value))
+        unproven = None
+        if status != cp_model.OPTIMAL:
+            unproven = self.objective.value(config, math.floor(solver.best_objective_bound))
         return (config, (partition, recompute), value), unproven
 
     # -- results ---------------------------------------------------------------------------
-    def _in_units(self, value_ns: float) -> float:
-        """Seconds per step, or dollars per million tokens for the cost objective."""
-        if self.objective == "step_time":
-            return value_ns * NS
-        tokens = self.global_batch * self.seq_len
-        return value_ns * NS / 3600 * self.price / tokens * 1e6
+    def _in_units(self, value: float) -> float:
+        return self.objective.in_units(value, self.global_batch * self.seq_len, self.price)
 
     def _plan(self, rank: int, config: Config, choice, value: int) -> RankedPlan:
         partition, recompute = choice
@@ -363,12 +370,18 @@ class Searcher:
         estimate = self.cost_model(config, layout).estimate(self.spec.name, self.reserve)
         return RankedPlan(rank, config, layout, value, estimate)
 
-    def _infeasible(self, configs) -> SearchError:
+    def _infeasible(self, configs, fitting: int) -> SearchError:
         if not configs:
             return SearchError(
                 "no layout divides the model, the GPUs and the batch",
                 "change the global batch to a multiple of the data-parallel degree, or the "
                 "GPU count, or drop --fix pins",
+            )
+        if fitting and self.objective.kind == "gpus":
+            return SearchError(
+                f"no layout that fits in memory meets the deadline on up to "
+                f"{max(self.clusters)} GPUs",
+                "allow more GPUs (--gpus), more days or fewer tokens",
             )
         return SearchError(
             "no layout fits in GPU memory",
@@ -394,11 +407,16 @@ def search(
     calibration: Calibration | None = None,
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
+    tokens: float | None = None,
+    deadline_days: float | None = None,
 ) -> SearchResult:
     """Find the `top` best layouts. `model` is a ModelSpec, preset or YAML path; `cluster`
-    a Cluster, preset or YAML path (sized to `gpus`). With objective="cost" the search
-    may also use fewer GPUs (the cluster halved down to one scale-up domain) and
-    minimises dollars per token at `price_per_gpu_hour`."""
+    a Cluster, preset or YAML path (sized to `gpus`, the most GPUs the search may use).
+
+    objective="step_time" minimises the step time on `gpus` GPUs. "cost" minimises
+    dollars per token at `price_per_gpu_hour` and "gpus" the GPUs that train `tokens`
+    tokens within `deadline_days` days (then the step time on that many); both may use
+    fewer GPUs than `gpus` (objective.gpu_counts lists which)."""
     from tera.planner.inputs import load_problem
     from tera.planner.solve.space import parse_pins
 
@@ -415,11 +433,16 @@ def search(
         )
     if reserve_gib < 0:
         raise LayoutError("reserve_gib", f"must be at least 0, got {reserve_gib}", "fix it")
+    goal = None if objective == "gpus" else Objective(objective)
+    if objective == "gpus":
+        for name, value in (("tokens", tokens), ("deadline_days", deadline_days)):
+            if value is None or value <= 0:
+                raise LayoutError(
+                    name, f"must be positive for objective gpus, got {value}", "give it"
+                )
+        goal = Objective("gpus", step_limit_ns(tokens, deadline_days, global_batch * seq_len))
     pins = parse_pins(fix) if not isinstance(fix, dict) else dict(fix)
-    counts = [full.num_gpus]
-    if objective == "cost":
-        while counts[-1] % 2 == 0 and counts[-1] // 2 >= full.scaleup_domain:
-            counts.append(counts[-1] // 2)
+    counts = gpu_counts(full.num_gpus, full.scaleup_domain, full.gpus_per_node, objective)
     clusters = {n: full if n == full.num_gpus else full.resized(n) for n in counts}
     searcher = Searcher(
         spec,
@@ -428,7 +451,7 @@ def search(
         seq_len,
         precision,
         pins,
-        objective,
+        goal,
         reserve_gib * 2**30,
         imbalance,
         calibration,

@@ -216,12 +216,29 @@ def test_search_json_has_the_certificate_and_the_plans(capsys):
     assert data["plans"][0]["step_time_s"] <= data["plans"][1]["step_time_s"]
 
 
+def test_search_for_the_fewest_gpus_writes_a_plan_on_that_many(capsys, tmp_path):
+    from tera.planner.plan import Plan
+
+    path = tmp_path / "plan.json"
+    args = [*SEARCH, "--gpus", "32", "--objective", "gpus", "--tokens", "4M", "--days", "1"]
+    code, out, err = run(capsys, *args, "-o", str(path))
+    assert code == 0, err
+    assert "GPUs" in out
+    plan = Plan.load(path)
+    assert plan.certificate["objective_kind"] == "gpus"
+    # a loose deadline: the smallest count searched, one scale-up domain
+    assert plan.world_size == plan.certificate["objective"] == 8
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--fix", "foo=2"], "foo"),
         (["--fix", "tp=1,cp=1,pp=1,mbs=8"], "global batch"),
         (["--objective", "speed"], "objective"),
+        (["--objective", "gpus", "--tokens", "1e9"], "--days"),
+        (["--objective", "gpus", "--tokens", "3x", "--days", "1"], "tokens"),
+        (["--objective", "gpus", "--tokens", "1e12", "--days", "1e-9"], "deadline"),
     ],
 )
 def test_search_bad_input_is_one_line(capsys, extra, needle):

@@ -303,10 +303,12 @@ def test_build_refuses_an_unresolved_layout_and_a_bad_certificate():
     assert info.value.field == "prediction"
 
 
-def test_precisions_are_the_cost_models():
+def test_precisions_and_objectives_are_the_cost_models_and_the_solvers():
     from tera.planner import cost, plan
+    from tera.planner.solve import objective
 
     assert plan.PRECISIONS == cost.PRECISIONS
+    assert plan.OBJECTIVE_KINDS == objective.OBJECTIVES
 
 
 def test_build_refuses_a_prediction_or_certificate_of_the_wrong_type(plan):

@@ -14,6 +14,7 @@ from tera.planner import evaluate
 from tera.planner.layout import LayoutError
 from tera.planner.solve import SearchError, search
 from tera.planner.solve.enumerate import candidates, compositions, enumerate_space
+from tera.planner.solve.objective import Objective
 from tera.planner.solve.search import Searcher
 from tera.planner.solve.space import Space, parse_pins
 from tera.planner.solve.tables import MODES, stages_of
@@ -35,10 +36,15 @@ def variant(layers: int, dense: int, experts: int, tied: bool):
     return dataclasses.replace(TINY, layers=layers, moe=moe, tie_embeddings=tied)
 
 
-def searcher(spec, cluster, batch, seq, pins=None, objective="step_time"):
-    return Searcher(
-        spec, {cluster.num_gpus: cluster}, batch, seq, "bf16", pins or {}, objective, 0.0, 1.0, None
-    )
+def searcher(spec, cluster, batch, seq, pins=None, objective="step_time", fewer=False):
+    """A Searcher on `cluster`, and with `fewer` also on half and a quarter of its GPUs
+    (the objectives that may use fewer GPUs)."""
+    counts = {cluster.num_gpus}
+    if fewer:
+        counts |= {n for n in (cluster.num_gpus // 2, cluster.num_gpus // 4) if n >= 1}
+    hbm_gb = cluster.gpu.hbm_bytes / 1e9
+    clusters = {n: cluster if n == cluster.num_gpus else small_cluster(n, hbm_gb) for n in counts}
+    return Searcher(spec, clusters, batch, seq, "bf16", pins or {}, objective, 0.0, 1.0, None)
 
 
 def test_compositions_are_every_ordered_split():
@@ -107,17 +113,24 @@ problems = st.fixed_dictionaries(
         "batch": st.sampled_from([8, 16]),
         "seq": st.sampled_from([64, 128]),
         "pins": st.sampled_from(["", "cp=1", "cp=1,mbs=1", "tp=1", "zero=3"]),
-        "objective": st.sampled_from(["step_time", "step_time", "cost"]),
+        "objective": st.sampled_from(
+            ["step_time", "step_time", "cost", ("gpus", 10**5), ("gpus", 10**6), ("gpus", 10**9)]
+        ),
     }
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems)
 def test_cp_sat_optimum_equals_exhaustive_enumeration(p):
     spec = variant(p["layers"], p["dense"], p["experts"], p["tied"])
     cluster = small_cluster(p["gpus"], p["hbm_gb"])
-    s = searcher(spec, cluster, p["batch"], p["seq"], parse_pins(p["pins"]), p["objective"])
+    objective = p["objective"]
+    if isinstance(objective, tuple):  # the fewest GPUs whose step is within the limit
+        objective = Objective(*objective)
+    pins = parse_pins(p["pins"])
+    fewer = p["objective"] != "step_time"
+    s = searcher(spec, cluster, p["batch"], p["seq"], pins, objective, fewer)
     brute = enumerate_space(s)
     try:
         result = s.run(top=1, time_limit=None, workers=1, progress=None)
@@ -128,10 +141,11 @@ def test_cp_sat_optimum_equals_exhaustive_enumeration(p):
     assert result.certificate.status == "OPTIMAL" and result.certificate.gap == 0
     assert best.objective_ns == brute.objective_ns
     # the plan satisfies every constraint when re-evaluated on its own
-    again = evaluate(spec, cluster, best.layout, p["batch"], p["seq"])
+    again = evaluate(spec, s.clusters[best.config.gpus], best.layout, p["batch"], p["seq"])
     assert again.fits
     stages = stages_of(s.segs, best.config, best.layout.partition, best.layout.stage_recompute)
-    assert s.tables(best.config).step_ns(stages) * s.weight(best.config) == best.objective_ns
+    step = s.tables(best.config).step_ns(stages)
+    assert s.objective.value(best.config, step) == best.objective_ns
     assert again.step_time_s == pytest.approx(best.estimate.step_time_s)
 
 
@@ -276,3 +290,41 @@ def test_the_memory_reserve_is_kept_free():
     kept = search(TINY, cluster, 32, 128, reserve_gib=reserve_gib, workers=1).best.estimate
     assert (kept.peak_memory_gib + reserve_gib) * 2**30 <= hbm
     assert kept.peak_memory_gib < roomy.peak_memory_gib
+
+
+def test_fewest_gpus_that_meet_a_deadline():
+    """The deadline objective picks the smallest GPU count whose fastest plan trains the
+    tokens in time, and the fastest plan on that count."""
+    batch, seq = 256, 128  # large enough that 16 GPUs step faster than 8
+    fastest = {
+        n: search(TINY, small_cluster(n, 1.0), batch, seq, workers=1).best.estimate.step_time_s
+        for n in (8, 16)
+    }
+    assert fastest[16] < fastest[8]
+    steps = 1000
+    tokens = steps * batch * seq
+
+    def days(step_s: float) -> float:
+        return step_s * steps / 86400
+
+    loose = search(
+        TINY, small_cluster(16, 1.0), batch, seq, objective="gpus", tokens=tokens,
+        deadline_days=days(fastest[8]) * 1.01, workers=1,
+    )  # fmt: skip
+    assert loose.best.config.gpus == 8
+    assert loose.best.estimate.step_time_s == pytest.approx(fastest[8])
+    assert loose.certificate.objective == 8 and loose.certificate.status == "OPTIMAL"
+    between = days((fastest[8] + fastest[16]) / 2)
+    tight = search(
+        TINY, small_cluster(16, 1.0), batch, seq, objective="gpus", tokens=tokens,
+        deadline_days=between, workers=1,
+    )  # fmt: skip
+    assert tight.best.config.gpus == 16
+    assert tight.best.estimate.step_time_s * steps <= between * 86400
+    with pytest.raises(SearchError, match="deadline"):
+        search(
+            TINY, small_cluster(16, 1.0), batch, seq, objective="gpus", tokens=tokens,
+            deadline_days=days(fastest[16]) * 0.99, workers=1,
+        )  # fmt: skip
+    with pytest.raises(LayoutError, match="deadline_days"):
+        search(TINY, small_cluster(16, 1.0), batch, seq, objective="gpus", tokens=tokens)

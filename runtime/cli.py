@@ -1,20 +1,173 @@
-"""`tera-run`: execute a plan on torch.distributed.
+"""`tera-run`: train a plan on torch.distributed.
 
-Not built yet: the runtime is issue 5. Until then the command says so plainly instead
-of pretending to train.
+    tera-run plan.json [--steps N] [--seed S] [--data synthetic|PATH] [--checkpoint-dir D]
+                       [--checkpoint-every K] [--resume] [--metrics out.jsonl] [--lr LR]
+                       [--warmup-steps W]
+
+A thin layer over tera.runtime.launch (start or join the world) and tera.runtime.run (the
+loop). Every input is checked before a process group starts: the plan (Plan.load), the
+world size, the options, the data file and the checkpoint to resume
+(tera.runtime.run.check_options). Exit status: 0 success; 2 bad input, as one line
+"error: <field>: <problem>; <fix>" and no traceback (printed once: by the launcher, or by
+rank 0 of a torchrun/srun world); 1 a rank failed while training (its traceback is above).
+torch is imported after the plan and the world are checked, so those refusals are quick.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+# Input errors by module: an error can only come from a module that is imported, so the
+# handler looks up only those already in sys.modules (and imports nothing heavy to do so).
+INPUT_ERRORS = {
+    "tera.planner.plan": "PlanError",
+    "tera.planner.layout": "LayoutError",
+    "tera.runtime.launch": "LaunchError",
+    "tera.runtime.data": "DataError",
+    "tera.runtime.checkpoint": "CheckpointError",
+    "tera.runtime.run": "RunError",
+    "tera.runtime.trainer": "UnsupportedPlan",
+    __name__: "RankInputError",
+}
+
+
+class RankInputError(ValueError):
+    """A bad input that only a rank could find; the message is the rank's one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parsed(kind, text: str, ok, want: str):
+    """`text` as a `kind` for which ok(value) holds, else an argparse error naming `want`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _parsed(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _parsed(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _parsed(float, text, lambda v: 0 < v < float("inf"), "a positive number")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tera-run", description="Train the model of a plan with its layout.")
+    p.add_argument("plan", help="plan.json written by tera-plan search -o")
+    p.add_argument(
+        "--steps", type=_positive_int, default=10, metavar="N",
+        help="last step of the run, resumed or not (default 10)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="(default 0)")
+    p.add_argument(
+        "--data", default="synthetic", metavar="synthetic|PATH",
+        help="the synthetic stream (default) or a .bin token file",
+    )  # fmt: skip
+    p.add_argument("--checkpoint-dir", metavar="D", help="directory of the run's checkpoints")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="K", help="save every K steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--metrics", metavar="PATH", help="write one JSON line per step (.jsonl)")
+    p.add_argument(
+        "--lr", type=_positive_float, default=3e-4, metavar="LR",
+        help="peak learning rate (default 3e-4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup-steps", type=_non_negative_int, default=10, metavar="W",
+        help="linear warm-up steps before the cosine decay (default 10)",
+    )  # fmt: skip
+    return p
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, name in INPUT_ERRORS.items()
+        if module in sys.modules
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "tera-run: the runtime is not implemented yet; `tera-plan evaluate` costs a layout",
-        file=sys.stderr,
+    args = build_parser().parse_args(argv)
+    reporting = True  # whether this process prints errors: one process per world does
+    try:
+        from tera.runtime import launch
+
+        world = launch.joined_world()
+        reporting = world is None or world.rank == 0
+        return _main(args, world)
+    except _input_errors() as err:
+        if reporting:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args, world) -> int:
+    from tera.planner.plan import Plan
+    from tera.runtime import launch
+
+    plan = Plan.load(args.plan)
+    if world is not None:
+        if world.launcher == "srun":
+            launch.adopt_slurm()
+        launch.check_joined(plan.world_size, world)
+        launch.check_local_rank(world, launch.local_gpus())
+    from tera.runtime.run import RunOptions, check_options, worker
+
+    options = RunOptions(
+        steps=args.steps,
+        seed=args.seed,
+        data=args.data,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        metrics=args.metrics,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
     )
-    return 1
+    check_options(plan, options)
+    if world is None:
+        results = _launch_local(plan.world_size, args.plan, options, launch.local_gpus())
+        if results is None:
+            return 1
+    else:
+        results = {world.rank: worker(args.plan, options)}
+    errors = [result["error"] for _, result in sorted(results.items()) if "error" in result]
+    if errors:
+        raise RankInputError(errors[0])
+    return 0
+
+
+def _launch_local(world_size: int, plan_path: str, options, gpus: int) -> dict | None:
+    """{rank: worker result} of a local world, or None when a rank failed (reported)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tera.runtime import launch
+    from tera.runtime.run import worker
+
+    try:
+        return launch.launch_local(world_size, worker, plan_path, options, gpus=gpus)
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        print(
+            f"error: rank {rank} failed with exit code {failure.exitcode}; its traceback is above",
+            file=sys.stderr,
+        )
+        return None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ about which ranks talk to each other.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -132,8 +133,8 @@ class MeshShape:
         if self.order != DEFAULT_ORDER:
             return _first_group_of_grid(self, axis)
         first = axes.index(members[0])
-        stride = int(np.prod([getattr(self, a) for a in axes[:first]]))
-        size = int(np.prod([getattr(self, a) for a in members]))
+        stride = math.prod(getattr(self, a) for a in axes[:first])
+        size = math.prod(getattr(self, a) for a in members)
         return range(0, stride * size, stride)
 
 

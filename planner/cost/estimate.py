@@ -177,6 +177,7 @@ class CostModel:
         """The same problem under other constants; shares the collective-time cache."""
         other = copy.copy(self)
         other.cal = calibration
+        other.__dict__.pop("_rates", None)
         other.__dict__.pop("segment_times", None)
         other.__dict__.pop("segment_dp", None)
         return other
@@ -187,7 +188,9 @@ class CostModel:
         return self._comm[key]
 
     # -- compute -----------------------------------------------------------------------
+    @functools.cached_property
     def _rates(self) -> tuple[float, float, float]:
+        """FLOP/s of GEMMs and of attention, and HBM bytes/s, under the calibration."""
         gpu = self.gpu
         fp8 = self.precision == "fp8" and gpu.fp8_flops
         peak = gpu.fp8_flops if fp8 else gpu.bf16_flops
@@ -208,7 +211,7 @@ class CostModel:
     def _compute(self, kind_sums: dict[str, dict[str, int]], direction: str) -> float:
         """Roofline time of a segment's operators for one micro-batch on this rank.
         Token work divides by tp*cp; weight traffic by tp, or by ep*etp for experts."""
-        matmul_rate, attention_rate, hbm = self._rates()
+        matmul_rate, attention_rate, hbm = self._rates
         L = self.layout
         share = L.mbs / (L.tp * L.cp)
         seconds = 0.0
@@ -235,7 +238,7 @@ class CostModel:
         attention = kind_sums.get("attention")
         if not attention:
             return 0.0
-        _, attention_rate, _ = self._rates()
+        _, attention_rate, _ = self._rates
         share = self.layout.mbs / (self.layout.tp * self.layout.cp)
         return attention["fwd_flops"] * share * CAUSAL_FRACTION / attention_rate
 

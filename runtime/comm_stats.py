@@ -31,10 +31,11 @@ parallelism: dp_shard, dp_replicate and their merges with cp), "edp" (expert dat
 parallelism), "etp" (expert tensor parallelism), "world" (the world group when it is no
 axis's group: the trainer's scalar reductions). Where one torch group serves axes of several
 kinds (the meshes give "tp+edp" when torch reused one group for both), the call's
-collective decides only where it can (an all-to-all is ep's, a send pp's; any other call
-on a dp and ep group is dp's, ep issuing only all-to-alls); otherwise, and for a group the
-meshes do not know, the call counts under "other". Build the meshes with one process group
-per axis (no axis reusing the world group) and nothing lands there.
+collective decides only where it can (an all-to-all is ep's or etp's, whichever of the two
+the group serves, a send pp's; any other call on a dp and ep group is dp's, ep issuing only
+all-to-alls); otherwise, and for a group the meshes do not know, the call counts under
+"other". Build the meshes with one process group per axis (no axis reusing the world
+group) and nothing lands there.
 
 Invariant: a counted byte lands under exactly one kind, and `step_bytes()` holds only kinds
 that were used since the last `reset()`.
@@ -68,8 +69,9 @@ AXIS_KINDS = {  # mesh axis name (runtime/mesh.py, planner/ranks.py) -> kind
     "edp_replicate": "edp",
     "world": "world",
 }
-# Collectives that only one kind issues, which settle a group shared by several kinds.
-OWNERS = {"all_to_all": "ep", "send": "pp"}
+# Collectives that only some kinds issue, which settle a group shared by several kinds when
+# exactly one of their issuers is among them.
+OWNERS = {"all_to_all": ("ep", "etp"), "send": ("pp",)}
 
 
 def nbytes(tensors) -> int:
@@ -203,8 +205,9 @@ class CommCounter(TorchDispatchMode):
         kinds = self.kinds_of(group)
         if len(kinds) == 1:
             return next(iter(kinds))
-        if OWNERS.get(op) in kinds:
-            return OWNERS[op]
+        owners = [kind for kind in OWNERS.get(op, ()) if kind in kinds]
+        if len(owners) == 1:
+            return owners[0]
         if kinds == {"dp", "ep"}:
             return "dp"
         return OTHER

@@ -9,8 +9,9 @@ Between blocks the residual stream is a plain tensor holding this tp rank's sequ
                                   back to the sequence shard
   dense FFN                       all-gather; w1/w3 column-parallel, w2 row-parallel
   MoE                             no tensor parallelism: the router, the experts (expert
-                                  parallelism, expert_parallel.py) and the shared expert run
-                                  on the rank's own tokens, its sequence shard
+                                  parallelism and expert tensor parallelism over etp, its own
+                                  axis, expert_parallel.py) and the shared expert run on the
+                                  rank's own tokens, its sequence shard
   embedding                       row-parallel over the vocabulary, reduce-scattered to the
                                   sequence shard
   LM head                         column-parallel over the vocabulary, logits all-gathered
@@ -20,7 +21,7 @@ Two consequences of the MoE running on a sequence shard:
   - the gradients of its replicated parameters (router gate, shared expert) and of q/k
     norms over local heads are partial sums over tp: `tp_partial_params` names them and
     the trainer sums them over tp after backward (experts are reduced over their own data
-    parallel group, edp, which holds the tp ranks);
+    parallel group, edp, which holds the tp ranks that share an expert shard);
   - the Switch load-balancing loss needs the routing statistics of the whole sequence. As
     Megatron-LM does, each rank sums the expert counts over tp (not differentiable) and
     forms its share coeff * E * sum_e f_e * (sum of its tokens' p_e) / T; the shares add

@@ -8,7 +8,7 @@ Order of parallelization (as torchtitan; each step sees the modules the previous
      models, which would need meta-device init and a sharded load instead);
   2. pipeline split (pipeline.py): this pp rank's chunks, parameter FQNs unchanged;
   3. tensor + sequence parallelism (tensor_parallel.py);
-  4. expert parallelism (expert_parallel.py);
+  4. expert parallelism and expert tensor parallelism (expert_parallel.py);
   5. context parallelism: refused (check_supported says why);
   6. activation checkpointing by the stage's recompute mode (recompute.py);
   7. FSDP2 / ZeRO by the plan's zero stage (data_parallel.py).
@@ -111,10 +111,6 @@ def check_supported(plan) -> None:
             "attention derives RoPE positions from the local sequence",
             "use cp=1",
         )
-    if L.etp > 1:
-        raise UnsupportedPlan(
-            "layout.etp", f"etp={L.etp}: expert tensor parallelism is not implemented", "use etp=1"
-        )
     if L.tp > 1:
         a = spec.attention
         problems = [
@@ -197,10 +193,10 @@ class Trainer:
             warnings.filterwarnings("ignore", r"FSDP2-wrapped module .* returned a view tensor")
             for chunk in self.chunks:
                 tp_partial |= apply_tensor_parallel(chunk, meshes.mesh("tp"))
-        if L.ep > 1:
+        if L.ep > 1 or L.etp > 1:
             for block in self.model.layers.values():
                 if isinstance(block.ffn, MoE):
-                    apply_expert_parallel(block.ffn.experts, meshes.mesh("ep"))
+                    apply_expert_parallel(block.ffn.experts, meshes.expert["ep", "etp"])
         recompute = plan.stages()[meshes.pp_rank]["recompute"]
         for chunk in self.chunks:
             apply_recompute(chunk, recompute)

@@ -11,7 +11,7 @@ activations and weights; gradients as estimate.py reduces them).
 
 Byte convention (runtime/comm_stats.py, topologies/collectives.py): all_reduce the tensor,
 all_gather the output, reduce_scatter the input, all_to_all the input including the slice
-kept, send the tensor sent (receives uncounted). Kinds: tp, cp, ep, pp, dp (dense data
+kept, send the tensor sent (receives uncounted). Kinds: tp, cp, ep, etp, pp, dp (dense data
 parallelism), edp (expert data parallelism, edp_full), world (the trainer's scalar
 reductions over all ranks). A group of one rank moves nothing and is not predicted.
 
@@ -35,6 +35,12 @@ data_parallel.py, trainer.py), per micro-batch on the rank's stage:
       the rank's own rows whatever the routing; combine forward and dispatch backward
       send the rows its experts received: equal under balanced routing
       (Transformer(balanced_routing=True)), the cost model's view, which this predicts.
+  etp (etp > 1) per MoE block, after the ep dispatch (or on the rank's own routed rows
+      when ep = 1), one all-to-all of the received counts (etp copies of E int32), then
+      one sending all the rank's received rows to every etp peer (etp copies of A / tp *
+      top_k bytes) and one sending every peer the partial outputs of its rows (the
+      etp group's rows: etp times as many under balanced routing), in forward and
+      mirrored in backward; full recompute repeats the forward three.
   cp  (cp > 1; the runtime refuses it) estimate.py's ring: per block cp - 1 sends of this
       rank's K and V forward, 2 * (cp - 1) backward.
   pp  (pp > 1) per chunk of the stage, one send of its output (A / tp, the local sequence
@@ -95,7 +101,7 @@ COUNT_BYTES = 4  # expert counts: int32 offsets (ep), fp32 (tp's aux-loss statis
 class Collective:
     """Bytes one kind of collective moves on the rank in one step, and why."""
 
-    kind: str  # tp | cp | ep | pp | dp | edp | world
+    kind: str  # tp | cp | ep | etp | pp | dp | edp | world
     op: str  # all_gather | reduce_scatter | all_reduce | all_to_all | send
     nbytes: float  # per step
     what: str
@@ -113,7 +119,8 @@ def predicted_collectives(plan, rank: int = 0) -> list[Collective]:
     """Every predicted collective of one step on `rank` (the plan's stages differ)."""
     cm = cost_model(plan)
     stage = cm.stages[group_of(plan.layout.mesh, "pp", rank).index(rank)]
-    found = _tp(cm, stage) + _ep(cm, stage) + _cp(cm, stage) + _pp(cm, stage) + _dp(cm, stage)
+    found = _tp(cm, stage) + _ep(cm, stage) + _etp(cm, stage) + _cp(cm, stage)
+    found += _pp(cm, stage) + _dp(cm, stage)
     if plan.world_size > 1:
         found.append(Collective("world", "all_reduce", sum(WORLD_SCALARS), "loss, grad norm"))
     return [c for c in found if c.nbytes > 0]
@@ -226,6 +233,18 @@ def _ep(cm: CostModel, stage: Stage) -> list[Collective]:
     per_block = (2 + 2 * runs) * rows + runs * moe["experts"] * COUNT_BYTES
     nbytes = cm.microbatches * stage.counts["moe"] * per_block
     return [Collective("ep", "all_to_all", nbytes, "expert counts, dispatch and combine")]
+
+
+def _etp(cm: CostModel, stage: Stage) -> list[Collective]:
+    L, moe = cm.layout, cm.spec["moe"]
+    if L.etp == 1 or not moe:
+        return []
+    rows = cm._activation_bytes() / L.tp * moe["top_k"]  # what the ep dispatch brings
+    runs = 2 if stage.recompute == "full" else 1
+    per_block = L.etp * ((2 + 2 * runs) * rows + runs * moe["experts"] * COUNT_BYTES)
+    nbytes = cm.microbatches * stage.counts["moe"] * per_block
+    what = "expert counts, rows to every etp peer and partial outputs back"
+    return [Collective("etp", "all_to_all", nbytes, what)]
 
 
 def _cp(cm: CostModel, stage: Stage) -> list[Collective]:

@@ -114,6 +114,32 @@ def test_ep2_dispatches_and_combines_every_routed_row():
     }
 
 
+def test_etp2_sends_every_row_to_each_peer_and_sums_the_partial_outputs():
+    m = 8  # dp = 1
+    rows = S // 2 * 2 * D * B  # a tp rank's half of the tokens, top-2
+    # per MoE block and micro-batch, forward: the received counts to both etp peers (itself
+    # included, 2 copies of 8 int32), its rows to both (2 copies), the partial outputs of
+    # both peers' rows back to them (2 ranks' rows); backward the two row exchanges mirrored
+    ops = predicted_comm_ops(plan("tp=2,etp=2", 2))
+    assert ops["etp"] == {"all_to_all": m * 3 * (2 * COUNTS + 2 * 4 * rows)}
+    # the experts' F is split over the two ranks: no expert data parallelism is left
+    assert set(ops) == {"tp", "etp", "world"}
+    assert ops["tp"] == predicted_comm_ops(plan("tp=2", 2))["tp"]
+    # full recompute runs each MoE block's forward twice: counts and two row exchanges
+    full = predicted_comm_ops(plan("tp=2,etp=2,recompute=full", 2))["etp"]
+    assert full == {"all_to_all": m * 3 * (2 * 2 * COUNTS + 2 * 6 * rows)}
+
+
+def test_ep2_etp2_exchanges_over_both_expert_axes():
+    m = 4  # tp 2, dp 2: ep * etp = 4 = tp * dp, so edp = 1
+    rows = S // 2 * 2 * D * B
+    ops = predicted_comm_ops(plan("tp=2,ep=2,etp=2", 4), rank=3)
+    assert ops["ep"] == {"all_to_all": m * 3 * (COUNTS + 4 * rows)}
+    # balanced routing: the ep dispatch brings each rank as many rows as it sent
+    assert ops["etp"] == {"all_to_all": m * 3 * (2 * COUNTS + 2 * 4 * rows)}
+    assert "edp" not in ops
+
+
 @pytest.mark.parametrize(
     "zero, expected",
     [
@@ -195,7 +221,16 @@ def test_zero3_under_pipelining_gathers_as_the_schedule_orders():
 
 @pytest.mark.parametrize(
     "text, gpus",
-    [("tp=2", 2), ("pp=2", 2), ("ep=2", 2), ("zero=0", 2), ("zero=3", 2), ("tp=2,pp=2,ep=2", 8)],
+    [
+        ("tp=2", 2),
+        ("pp=2", 2),
+        ("ep=2", 2),
+        ("zero=0", 2),
+        ("zero=3", 2),
+        ("tp=2,pp=2,ep=2", 8),
+        ("tp=2,etp=2", 2),
+        ("tp=2,pp=2,ep=2,etp=2", 8),
+    ],
 )
 def test_invariants(text, gpus):
     one, two = plan(text, gpus), plan(text, gpus, global_batch=16)
@@ -205,11 +240,11 @@ def test_invariants(text, gpus):
         ops = predicted_comm_ops(one, rank)
         assert totals == {kind: sum(by_op.values()) for kind, by_op in ops.items()}
         assert all(isinstance(n, int) and n > 0 for n in totals.values())
-        for kind in ("tp", "ep", "pp"):  # a parallelism of degree 1 moves nothing
+        for kind in ("tp", "ep", "etp", "pp"):  # a parallelism of degree 1 moves nothing
             assert (kind in totals) == (getattr(layout, kind) > 1)
         # twice the micro-batches: per-micro-batch kinds double, once-a-step ones stay
         doubled = predicted_comm_ops(two, rank)
-        for kind in ("ep", "pp"):
+        for kind in ("ep", "etp", "pp"):
             if kind in totals:
                 assert predicted_comm_bytes(two, rank)[kind] == 2 * totals[kind]
         if "tp" in ops:

@@ -53,7 +53,7 @@ def files(tmp_path_factory):
     checkpoint.save(tmp / "partial", 2, state, {"settings": settings})
     checkpoint.save(tmp / "done", 4, state, {"settings": settings})
     (tmp / "empty").mkdir()
-    make_plan(tmp / "etp2.json", "etp=2", gpus=2)  # valid, but the Trainer has no etp
+    make_plan(tmp / "cp2.json", "cp=2", gpus=2)  # valid, but the Trainer has no cp
     return tmp
 
 
@@ -67,9 +67,9 @@ BAD_INPUTS = {  # name -> (arguments, extra environment, the one line expected o
     "plan not JSON": (["garbage.json"], {}, "error: plan.file: 'garbage.json' is not JSON"),
     "plan without seq_len": (["no_seq_len.json"], {}, "error: plan.seq_len: missing; add it"),
     "plan the runtime cannot run": (
-        ["etp2.json"],
+        ["cp2.json"],
         {},
-        "error: plan.layout.etp: etp=2: expert tensor parallelism is not implemented; use etp=1",
+        "error: plan.layout.cp: cp=2: torch's context_parallel ring attention handles only",
     ),
     "steps zero": (["plan.json", "--steps", "0"], {}, "error: argument --steps: expected a"),
     "lr negative": (["plan.json", "--lr", "-1"], {}, "error: argument --lr: expected a positive"),

@@ -19,6 +19,10 @@ LAYOUTS = {  # name: (layout, ranks); the equivalence suite's layouts
     "dp2-fsdp-zero3": ("zero=3,mbs=2", 2),
     "dp2-zero1": ("zero=1,mbs=2", 2),
     "tp2-pp2-ep2-dp2": ("tp=2,pp=2,ep=2,mbs=2", 8),
+    "tp2-etp2": ("tp=2,etp=2,mbs=2", 2),
+    "tp2-ep2-etp2-dp2": ("tp=2,ep=2,etp=2,mbs=2", 4),
+    "tp2-etp2-dp2-zero3": ("tp=2,etp=2,zero=3,mbs=2", 4),
+    "tp2-pp2-ep2-etp2-dp2": ("tp=2,pp=2,ep=2,etp=2,mbs=2", 8),
 }
 
 
@@ -49,5 +53,6 @@ def test_measured_bytes_per_kind_equal_the_prediction(name):
         assert set(measured) == set(predicted), f"rank {rank}"
         for kind, expected in predicted.items():
             assert measured[kind] == pytest.approx(expected, rel=0.01), f"rank {rank} {kind}"
-        for axis in ("tp", "pp", "ep"):  # the layout's own parallelisms do communicate
-            assert (f"{axis}=2" in layout) == (measured.get(axis, 0) > 0), f"rank {rank} {axis}"
+        for axis in ("tp", "pp", "ep", "etp"):  # the layout's own parallelisms communicate
+            degree = getattr(plan.layout, axis)
+            assert (degree > 1) == (measured.get(axis, 0) > 0), f"rank {rank} {axis}"

@@ -100,12 +100,14 @@ def test_c10d_collectives_count_exact_bytes_by_kind():
 def _shared_world(rank, world):
     from tera.runtime.comm_stats import CommCounter
 
-    dp_ep, tp_edp = dist.new_group([0, 1]), dist.new_group([0, 1])
+    dp_ep, tp_edp, cp_etp = (dist.new_group([0, 1]) for _ in range(3))
     groups = {"dp_shard": dp_ep, "ep": dp_ep, "tp": tp_edp, "edp": tp_edp}
+    groups |= {"cp": cp_etp, "etp": cp_etp}
     counter = CommCounter(Axes(groups | {"world": dist.group.WORLD}))
     with counter:
         x = torch.ones(4)
-        dist.all_to_all_single(torch.empty(4), x, group=dp_ep)  # only ep does all-to-alls
+        dist.all_to_all_single(torch.empty(4), x, group=dp_ep)  # only ep and etp do these
+        dist.all_to_all_single(torch.empty(2), x[:2], group=cp_etp)  # so this is etp's
         dist.all_gather_into_tensor(torch.empty(8), x, group=dp_ep)  # so this is dp's
         dist.all_gather_into_tensor(torch.empty(8), x, group=tp_edp)  # tp or edp: unknown
         dist.all_reduce(torch.ones(3, dtype=torch.float64))  # the world group
@@ -116,6 +118,7 @@ def test_a_group_shared_by_axes_of_several_kinds_counts_where_the_collective_dec
     for ops in run_world(_shared_world, 2):
         assert ops == {
             "ep": {"all_to_all": 4 * F32},
+            "etp": {"all_to_all": 2 * F32},
             "dp": {"all_gather": 8 * F32},
             "other": {"all_gather": 8 * F32},
             "world": {"all_reduce": 3 * 8},

@@ -38,6 +38,11 @@ LAYOUTS = {  # name: (layout, ranks)
     "hsdp-zero3": ("zero=3,dp_replicate=2", 4),
     "pp2-recompute-full-selective": ("pp=2,recompute=full:selective", 2),
     "tp2-pp2-ep2-dp2": ("tp=2,pp=2,ep=2", 8),
+    "tp2-etp2": ("tp=2,etp=2", 2),
+    "dp2-etp2": ("etp=2", 2),  # the etp peers hold different sequences of the batch
+    "tp2-ep2-etp2-dp2": ("tp=2,ep=2,etp=2", 4),
+    "tp2-etp2-dp2-zero3": ("tp=2,etp=2,zero=3", 4),  # edp = 2: FSDP2 shards the F-shards
+    "tp2-pp2-ep2-etp2-dp2": ("tp=2,pp=2,ep=2,etp=2", 8),
 }
 
 

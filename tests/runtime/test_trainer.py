@@ -30,7 +30,6 @@ def plan_for(spec, layout: str, gpus: int):
     ("layout", "field", "words"),
     [
         ("cp=2", "layout.cp", "context_parallel"),
-        ("etp=2", "layout.etp", "expert tensor parallelism"),
         ("pp=2,mbs=8", "layout.pp", "at least one per stage"),
     ],
 )
@@ -39,6 +38,13 @@ def test_unsupported_layouts_are_refused_at_load_time(layout, field, words):
         check_supported(tiny_plan(layout, 2))
     assert info.value.field == field
     assert words in str(info.value) and str(info.value).startswith(f"plan.{field}:")
+
+
+def test_expert_tensor_parallelism_is_accepted():
+    for layout, gpus in (("etp=2", 2), ("tp=2,ep=2,etp=2", 4)):
+        plan = tiny_plan(layout, gpus)
+        assert plan.layout.etp == 2
+        check_supported(plan)  # raises UnsupportedPlan if refused
 
 
 def first_step_worker(rank: int, world_size: int, plan):

@@ -220,53 +220,55 @@ def metrics_lines(path) -> list[dict]:
 
 def tera_run(plan, *arguments) -> int:
     arguments = [str(a) for a in arguments]
-    common = ["--warmup-steps", "2", "--lr", "1e-2", "--steps", "4"]
+    common = ["--warmup-steps", "2", "--lr", "1e-2", "--steps", "5"]
     return main([str(plan), *common, *arguments])
 
 
 @pytest.fixture(scope="module")
 def reference(files, tmp_path_factory):
-    """A 4-step run of the ep=2 plan, checkpointing every 2 steps: (directory, metrics)."""
+    """A 5-step run of the ep=2 plan, checkpointing every 3 steps (and at the end):
+    (directory, metrics)."""
     tmp = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # as the launcher would set it, restored after
         status = tera_run(
             files / "plan.json",
-            *("--checkpoint-dir", str(tmp / "ck"), "--checkpoint-every", "2"),
+            *("--checkpoint-dir", str(tmp / "ck"), "--checkpoint-every", "3"),
             *("--metrics", str(tmp / "metrics.jsonl")),
         )
     assert status == 0
     return tmp / "ck", metrics_lines(tmp / "metrics.jsonl")
 
 
-def interrupted_after_step_2(reference, tmp_path):
-    """A copy of the reference's checkpoints as if the run had stopped after step 2."""
+def interrupted_after_step_3(reference, tmp_path):
+    """A copy of the reference's checkpoints as if the run had stopped after step 3."""
     directory = tmp_path / "ck"
     shutil.copytree(reference[0], directory)
-    shutil.rmtree(directory / "step_4")
+    shutil.rmtree(directory / "step_5")
     return directory
 
 
 def test_run_writes_a_metrics_line_per_step_and_checkpoints(reference):
     directory, lines = reference
-    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
     assert all(line["tokens"] == GLOBAL_BATCH * SEQ_LEN for line in lines)
     assert all(np.isfinite(line["loss"]) and line["step_time_s"] > 0 for line in lines)
     assert lines[0]["lr"] < lines[1]["lr"] > lines[3]["lr"]  # warm-up, then cosine decay
     assert sum(lines[0]["comm_bytes"].values()) > 0  # measured on rank 0
     assert lines[0]["comm_bytes_predicted"]
-    assert checkpoint.latest(directory) == 4 and checkpoint.is_complete(directory, 2)
-    marker = checkpoint.read_marker(directory, 4)
-    assert marker["world_size"] == 2 and marker["settings"]["steps"] == 4
+    assert checkpoint.latest(directory) == 5 and checkpoint.is_complete(directory, 3)
+    marker = checkpoint.read_marker(directory, 5)
+    assert marker["world_size"] == 2 and marker["settings"]["steps"] == 5
 
 
 def test_resume_continues_exactly(files, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    directory = interrupted_after_step_2(reference, tmp_path)
+    directory = interrupted_after_step_3(reference, tmp_path)
     metrics = tmp_path / "metrics.jsonl"
-    # The metrics of the interrupted run, step 3 included: the resumed run replaces it.
+    # The metrics of the interrupted run, step 4 included (logged, then the run died
+    # before its checkpoint): the resumed run replaces it.
     lines = reference[1]
-    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines[:4]))
     assert (
         tera_run(
             files / "plan.json",
@@ -279,23 +281,23 @@ def test_resume_continues_exactly(files, reference, tmp_path, monkeypatch):
         == 0
     )
     resumed = metrics_lines(metrics)
-    assert [line["step"] for line in resumed] == [1, 2, 3, 4]
+    assert [line["step"] for line in resumed] == [1, 2, 3, 4, 5]
     assert [line["loss"] for line in resumed] == [line["loss"] for line in lines]
     assert [line["grad_norm"] for line in resumed] == [line["grad_norm"] for line in lines]
-    assert checkpoint.latest(directory) == 4
+    assert checkpoint.latest(directory) == 5
 
 
 def test_checkpoint_resumes_under_another_plan(files, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    directory = interrupted_after_step_2(reference, tmp_path)
+    directory = interrupted_after_step_3(reference, tmp_path)
     tp2 = tmp_path / "tp2.json"
     make_plan(tp2, "tp=2", gpus=2)  # dp 1 and tp 2 where the checkpoint had dp 2 and ep 2
     metrics = tmp_path / "metrics.jsonl"
     assert tera_run(tp2, "--resume", "--checkpoint-dir", str(directory), "--metrics", metrics) == 0
     resumed = [line["loss"] for line in metrics_lines(metrics)]
-    expected = [line["loss"] for line in reference[1][2:]]
+    expected = [line["loss"] for line in reference[1][3:]]
     np.testing.assert_allclose(resumed, expected, rtol=1e-5)
-    assert checkpoint.read_marker(directory, 4)["layout"].startswith("tp=2,")
+    assert checkpoint.read_marker(directory, 5)["layout"].startswith("tp=2,")
 
 
 def test_an_srun_task_joins_its_world_in_process(tmp_path, monkeypatch):

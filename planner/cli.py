@@ -12,6 +12,8 @@ import json
 import sys
 
 GiB = 2**30
+# tera.planner.exports.FORMATS (a test keeps them equal), here so --help imports nothing
+EXPORT_FORMATS = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm", "kubernetes")
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -101,6 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
     p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
     p.add_argument("-o", "--output", help="write the best plan as plan.json")
+
+    p = sub.add_parser("export", help="write a plan as another stack's config or launch file")
+    p.add_argument("plan", help="plan.json written by tera-plan search -o")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the target")
+    p.add_argument("-o", "--output", help="write to FILE instead of standard output")
+    p = sub.add_parser("estimate", help="days, GPU-hours, cost, energy and goodput of a run")
+    p.add_argument("model", nargs="?", help="preset name or model YAML path (not with --table)")
+    p.add_argument("--tokens", type=_token_count, required=True, help="tokens to train, e.g. 15T")
+    p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--gpus", type=_positive_int, help="train on N GPUs")
+    size.add_argument("--days", type=_positive_float, help="the fewest GPUs for this deadline")
+    p.add_argument("--max-gpus", type=_positive_int, help="with --days: the most GPUs to try")
+    p.add_argument("--layout", help="cost this layout (default: search the fastest)")
+    p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
+    p.add_argument("--price-per-gpu-hour", type=_positive_float, help="USD (default 2.5, sourced)")
+    p.add_argument("--pue", type=_positive_float, help="default 1.56 (Uptime 2024 average)")
+    p.add_argument("--grid-gco2-per-kwh", type=float, help="grid intensity; no default, no CO2")
+    p.add_argument("--restart-minutes", type=float, help="restart time (default 10)")
+    p.add_argument("--checkpoint-gbps-per-node", type=_positive_float, help="default 40")
+    p.add_argument("--gpu-hours-per-interruption", type=_positive_float, help="default 50700")
+    p.add_argument("--node-power-kw", type=_positive_float, help="node max power")
+    p.add_argument("--time-limit", type=_positive_float, default=20.0, help="search seconds")
+    p.add_argument("--table", action="store_true", help="10B, 100B dense and 1T MoE table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -129,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "trace": _trace,
         "evaluate": _evaluate,
         "search": _search,
+        "export": _export,
+        "estimate": _estimate,
     }
     try:
         return command[args.command](args)
@@ -367,6 +398,25 @@ def _search(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from tera.planner.exports import ExportError, export
+    from tera.planner.plan import Plan
+
+    plan = Plan.load(args.plan)
+    try:
+        text = export(plan, args.format, plan_path=args.plan)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _short_layout(layout) -> str:
     """The layout keys that differ from their defaults, partition and recompute last."""
     from tera.planner.layout import Layout
@@ -383,6 +433,114 @@ def _short_layout(layout) -> str:
     if len(set(layout.partition)) > 1:
         text += f",partition={':'.join(map(str, layout.partition))}"
     return text
+
+
+def _estimate(args) -> int:
+    """`tera-plan estimate`: see tera.planner.capacity for the model and its sources."""
+    import dataclasses
+
+    from tera.planner import capacity
+
+    if args.table == (args.model is not None):
+        print("error: give MODEL or --table, not both and not neither", file=sys.stderr)
+        return 2
+    if args.table and args.layout:
+        print("error: --table searches each model's layout; drop --layout", file=sys.stderr)
+        return 2
+    given = {
+        "price_per_gpu_hour": args.price_per_gpu_hour,
+        "pue": args.pue,
+        "grid_gco2_per_kwh": args.grid_gco2_per_kwh,
+        "restart_minutes": args.restart_minutes,
+        "checkpoint_gbps_per_node": args.checkpoint_gbps_per_node,
+        "gpu_hours_per_interruption": args.gpu_hours_per_interruption,
+        "node_power_kw": args.node_power_kw,
+    }
+    assumptions = capacity.Assumptions(**{k: v for k, v in given.items() if v is not None})
+    console = _console()
+    models = list(capacity.TABLE_MODELS) if args.table else [args.model]
+    results = []
+    try:
+        with console.status("estimating ...", spinner="dots") as status:
+            for model in models:
+                status.update(f"estimating {model} ...")
+                results.append(
+                    capacity.estimate(
+                        capacity.table_spec(model) if args.table else model,
+                        args.cluster,
+                        args.tokens,
+                        args.global_batch,
+                        args.seq_len,
+                        gpus=args.gpus if args.days is None else args.max_gpus,
+                        days=args.days,
+                        layout=args.layout,
+                        precision=args.precision,
+                        assumptions=assumptions,
+                        time_limit=args.time_limit,
+                    )
+                )
+    except capacity.CapacityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = [r.to_dict() for r in results]
+        print(json.dumps({"table": rows} if args.table else rows[0], indent=2))
+        return 0
+    if args.table:
+        table = _table(
+            f"planning table: {args.tokens / 1e12:g}T tokens on {args.cluster}, "
+            f"{args.global_batch} x {args.seq_len} tokens per step",
+            ["model", "GPUs", "layout", "MFU", "GiB/GPU", "ideal days", "goodput", "days"]
+            + ["GPU-hours", "cost $M", "MWh", "t CO2"],
+        )
+        for r in results:
+            d = r.to_dict()
+            table.add_row(
+                r.model,
+                str(r.gpus),
+                r.layout,
+                f"{r.mfu:.1%}",
+                f"{r.peak_memory_gib:.1f}",
+                f"{d['ideal_days']:.1f}",
+                f"{r.goodput.fraction:.1%}",
+                f"{d['effective_days']:.1f}",
+                f"{r.gpu_hours:,.0f}",
+                f"{r.cost_usd / 1e6:,.2f}",
+                f"{r.energy_mwh:,.0f}",
+                "-" if r.co2_t is None else f"{r.co2_t:,.0f}",
+            )
+        console.print(table)
+        return 0
+    r, d = results[0], results[0].to_dict()
+    g, a = r.goodput, dataclasses.asdict(r.assumptions)
+    console.print(
+        f"[bold]{r.model}[/] on {r.cluster}, {r.gpus} GPUs, {r.tokens / 1e12:g}T tokens; "
+        f"layout {r.layout}" + ("" if r.fits else " (DOES NOT FIT in memory)"),
+        highlight=False,
+    )
+    t = _table("estimate", ["metric", "value"])
+    t.add_row("step time", f"{r.step_time_s:.3f} s (MFU {r.mfu:.1%})")
+    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    t.add_row("ideal time", f"{d['ideal_days']:.1f} days")
+    t.add_row(
+        "goodput",
+        f"{g.fraction:.1%}: MTBF {g.mtbf_s / 3600:.2f} h, checkpoint {g.checkpoint_s:.1f} s "
+        f"every {g.interval_s / 60:.1f} min, restart {g.restart_s / 60:.0f} min",
+    )
+    t.add_row("effective time", f"{d['effective_days']:.1f} days")
+    t.add_row("GPU-hours", f"{r.gpu_hours:,.0f}")
+    t.add_row("cost", f"${r.cost_usd:,.0f} at ${a['price_per_gpu_hour']:g}/GPU-hour")
+    t.add_row(
+        "power per GPU",
+        f"{r.wall_w_per_gpu:,.0f} W = ({r.gpu_w:,.0f} GPU + {r.overhead_w:,.0f} node) x PUE "
+        f"{a['pue']:g}",
+    )
+    t.add_row("energy", f"{r.energy_mwh:,.0f} MWh")
+    co2 = "- (give --grid-gco2-per-kwh)" if r.co2_t is None else f"{r.co2_t:,.0f} t CO2"
+    t.add_row("CO2", co2)
+    console.print(t)
+    console.print("sources: " + "; ".join(f"{k}: {v}" for k, v in r.sources.items()))
+    return 0
 
 
 if __name__ == "__main__":

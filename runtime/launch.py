@@ -10,9 +10,13 @@
     (LaunchConfig + elastic_launch, a c10d rendezvous on localhost, no restarts): one
     process per rank of the plan. On a machine with CUDA each process drives one GPU
     (backend nccl, processes spawned, since CUDA does not survive fork); without CUDA the
-    processes run on the CPU with gloo and are forked from the launcher, since spawning
-    re-imports torch in each (measured on the 2-core machine: 8 workers that join a gloo
-    group and return, 1.5 s forked against 17 s spawned, imports included). Unless
+    processes run on the CPU with gloo and are forked by a fork server that has imported
+    torch, since spawning re-imports torch in each (measured on the 2-core machine: 8
+    workers that join a gloo group and return, 1.5 s forked against 17 s spawned, imports
+    included). Not forked from the launcher itself: a process that has run threads (torch's
+    OpenMP pool, CP-SAT) can deadlock its forked children, as tera-run's launch test did
+    inside pytest. The fork server costs one torch import (`tera-run` of the 8-rank
+    tiny-moe plan for 3 steps: 16.9 s, against 14.0 s forked from the launcher). Unless
     OMP_NUM_THREADS is set, each worker of a multi-process CPU world gets an equal share of
     the CPU cores (at least one thread), so the workers do not oversubscribe them.
 
@@ -23,6 +27,7 @@ refused before any process group starts, with a LaunchError naming the field and
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import uuid
 from collections.abc import Callable, Mapping, MutableMapping
@@ -159,8 +164,11 @@ def launch_local(
         rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
         max_restarts=0,
         monitor_interval=0.1,
-        start_method="spawn" if gpus else "fork",
+        start_method="spawn" if gpus else "forkserver",
     )
+    if not gpus:
+        # the server imports torch and the entrypoint's module once, for every worker
+        multiprocessing.set_forkserver_preload(["torch.distributed", entrypoint.__module__])
     return elastic_launch(config, entrypoint)(*args)
 
 

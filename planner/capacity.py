@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tera.planner.errors import InputError
 from tera.planner.solve.search import DEFAULT_PRICE_PER_GPU_HOUR
 
 GB = 1e9
@@ -93,12 +94,8 @@ TABLE_MODELS = {
 }
 
 
-class CapacityError(ValueError):
+class CapacityError(InputError):
     """Bad capacity input; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {problem}; {fix}")
 
 
 def table_spec(name: str):

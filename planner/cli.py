@@ -18,12 +18,10 @@ EXPORT_FORMATS = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm", "k
 
 def _input_errors() -> tuple[type[Exception], ...]:
     from tera.models import SpecError
-    from tera.planner.layout import LayoutError
-    from tera.planner.plan import PlanError
-    from tera.planner.solve import SearchError
+    from tera.planner.errors import InputError
     from tera.topologies import ClusterError
 
-    return SpecError, LayoutError, ClusterError, PlanError, SearchError
+    return SpecError, ClusterError, InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -401,15 +399,10 @@ def _search(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
-    from tera.planner.exports import ExportError, export
+    from tera.planner.exports import export
     from tera.planner.plan import Plan
 
-    plan = Plan.load(args.plan)
-    try:
-        text = export(plan, args.format, plan_path=args.plan)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    text = export(Plan.load(args.plan), args.format, plan_path=args.plan)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -460,28 +453,24 @@ def _estimate(args) -> int:
     console = _console()
     models = list(capacity.TABLE_MODELS) if args.table else [args.model]
     results = []
-    try:
-        with console.status("estimating ...", spinner="dots") as status:
-            for model in models:
-                status.update(f"estimating {model} ...")
-                results.append(
-                    capacity.estimate(
-                        capacity.table_spec(model) if args.table else model,
-                        args.cluster,
-                        args.tokens,
-                        args.global_batch,
-                        args.seq_len,
-                        gpus=args.gpus if args.days is None else args.max_gpus,
-                        days=args.days,
-                        layout=args.layout,
-                        precision=args.precision,
-                        assumptions=assumptions,
-                        time_limit=args.time_limit,
-                    )
+    with console.status("estimating ...", spinner="dots") as status:
+        for model in models:
+            status.update(f"estimating {model} ...")
+            results.append(
+                capacity.estimate(
+                    capacity.table_spec(model) if args.table else model,
+                    args.cluster,
+                    args.tokens,
+                    args.global_batch,
+                    args.seq_len,
+                    gpus=args.gpus if args.days is None else args.max_gpus,
+                    days=args.days,
+                    layout=args.layout,
+                    precision=args.precision,
+                    assumptions=assumptions,
+                    time_limit=args.time_limit,
                 )
-    except capacity.CapacityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            )
     if args.json:
         rows = [r.to_dict() for r in results]
         print(json.dumps({"table": rows} if args.table else rows[0], indent=2))

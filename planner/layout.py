@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tera.models.spec import ModelSpec
+from tera.planner.errors import InputError
 from tera.planner.ranks import DEFAULT_ORDER, ORDERS, MeshShape
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -38,12 +39,10 @@ def even_partition(layers: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + (1 if c < extra else 0) for c in range(chunks))
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """A layout that is malformed or does not fit the model, the cluster or the batch."""
 
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"layout.{field_name}: {problem}; {fix}")
+    prefix = "layout."
 
 
 @dataclass(frozen=True)

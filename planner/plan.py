@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tera.models.spec import ModelSpec, SpecError
+from tera.planner.errors import InputError
 from tera.planner.layout import INT_KEYS, Layout, LayoutError
 from tera.topologies import Cluster, ClusterError
 from tera.topologies import from_dict as cluster_from_dict
@@ -91,16 +92,15 @@ KEY_TYPES = {  # top-level key -> JSON type name, in file order
 REGENERATE = "restore it or write the plan again with tera-plan search -o"
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that is malformed or disagrees with itself. `field` names the (dotted) key;
     the message is "<where>.<field>: <problem>; <fix>" with `where` "plan" by default."""
 
     def __init__(self, field_name: str, problem: str, fix: str, *, where: str = "plan"):
-        self.field = field_name
         self.problem = problem
         self.fix = fix
-        prefix = f"{where}.{field_name}" if field_name else where
-        super().__init__(f"{prefix}: {problem}; {fix}")
+        self.prefix = f"{where}." if field_name else where
+        super().__init__(field_name, problem, fix)
 
 
 def provenance() -> dict[str, str | None]:

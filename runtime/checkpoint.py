@@ -36,16 +36,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
+from tera.planner.errors import InputError
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing or incomplete; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {problem}; {fix}")
 
 
 def _rank() -> int:

@@ -18,19 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Input errors by module: an error can only come from a module that is imported, so the
-# handler looks up only those already in sys.modules (and imports nothing heavy to do so).
-INPUT_ERRORS = {
-    "tera.planner.plan": "PlanError",
-    "tera.planner.layout": "LayoutError",
-    "tera.runtime.launch": "LaunchError",
-    "tera.runtime.data": "DataError",
-    "tera.runtime.checkpoint": "CheckpointError",
-    "tera.runtime.run": "RunError",
-    "tera.runtime.trainer": "UnsupportedPlan",
-    __name__: "RankInputError",
-}
-
 
 class RankInputError(ValueError):
     """A bad input that only a rank could find; the message is the rank's one line."""
@@ -94,11 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
-    return tuple(
-        getattr(sys.modules[module], name)
-        for module, name in INPUT_ERRORS.items()
-        if module in sys.modules
-    )
+    from tera.planner.errors import InputError
+
+    return InputError, RankInputError
 
 
 def main(argv: list[str] | None = None) -> int:

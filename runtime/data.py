@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tera.planner.errors import InputError
+
 SYNTHETIC = "synthetic"
 MAX_STRIDE = 16  # largest step of a synthetic progression
 UINT16_VOCAB = 2**16  # vocabularies up to this size fit uint16 token ids
@@ -52,12 +54,8 @@ SCAN_TOKENS = 1 << 24  # tokens per chunk when scanning a file for its largest t
 _MASK64 = (1 << 64) - 1
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source that cannot be read as asked; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {problem}; {fix}")
 
 
 def _splitmix64(x: int) -> int:

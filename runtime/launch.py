@@ -34,15 +34,13 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from tera.planner.errors import InputError
+
 DEFAULT_MASTER_PORT = "29500"  # torch.distributed's default
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """A world that cannot run the plan; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {problem}; {fix}")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from tera.planner.cost.comm_bytes import predicted_comm_bytes
+from tera.planner.errors import InputError
 from tera.runtime import checkpoint
 from tera.runtime.comm_stats import CommCounter
 from tera.runtime.data import SYNTHETIC, TokenFile, TokenStream
@@ -56,12 +57,8 @@ class RunOptions:
     warmup_steps: int = 10
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """Options that cannot run; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {problem}; {fix}")
 
 
 class Progress:
@@ -281,9 +278,7 @@ def _summary(step, steps, loss, grad_norm, lr, seconds) -> str:
 def worker(plan_path: str, options: RunOptions) -> dict[str, Any]:
     """Entry point of one rank: {"losses": [(step, loss), ...]}, or {"error": message} for
     a bad input found only here (the launcher's parent reports it and exits 2)."""
-    from tera.planner.plan import Plan, PlanError
-    from tera.runtime.data import DataError
-    from tera.runtime.trainer import UnsupportedPlan
+    from tera.planner.plan import Plan
 
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
@@ -291,5 +286,5 @@ def worker(plan_path: str, options: RunOptions) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     try:
         return {"losses": run(Plan.load(plan_path), options)}
-    except (PlanError, DataError, RunError, checkpoint.CheckpointError, UnsupportedPlan) as exc:
+    except InputError as exc:
         return {"error": str(exc)}

@@ -72,6 +72,7 @@ from torch.distributed.tensor import DTensor
 
 from tera.models import build
 from tera.models.moe import MoE
+from tera.planner.errors import InputError
 from tera.runtime.data_parallel import GradientReducer, apply_fsdp, set_microbatch
 from tera.runtime.expert_parallel import apply_expert_parallel
 from tera.runtime.pipeline import build_schedule, split
@@ -92,12 +93,10 @@ class StepResult:
     tokens: int  # tokens of the global batch
 
 
-class UnsupportedPlan(ValueError):
+class UnsupportedPlan(InputError):
     """A valid plan the runtime cannot run exactly; one line naming the field and the fix."""
 
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"plan.{field_name}: {problem}; {fix}")
+    prefix = "plan."
 
 
 def check_supported(plan) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tera.planner.errors import InputError
 from tera.planner.plan import Plan
 
 FORMATS = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm", "kubernetes")
@@ -25,12 +26,12 @@ RECOMPUTE_STRENGTH = ("none", "selective", "full")  # weakest first
 MASTER_PORT = 29500
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A plan the target cannot express: "export.<format>.<field>: <problem>; <fix>"."""
 
     def __init__(self, fmt: str, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"export.{fmt}.{field_name}: {problem}; {fix}")
+        self.prefix = f"export.{fmt}."
+        super().__init__(field_name, problem, fix)
 
 
 def export(plan: Plan, fmt: str, *, plan_path: str = "plan.json") -> str:

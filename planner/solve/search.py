@@ -39,6 +39,7 @@ from ortools.sat.python import cp_model
 
 from tera.planner.cost.calibration import Calibration
 from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
+from tera.planner.errors import InputError
 from tera.planner.layout import Layout, LayoutError, even_partition
 from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
@@ -56,12 +57,11 @@ DEFAULT_PRICE_PER_GPU_HOUR = (
 )
 
 
-class SearchError(ValueError):
+class SearchError(InputError):
     """No layout fits; the message says the smallest change that would make one."""
 
     def __init__(self, problem: str, fix: str):
-        self.field = "search"
-        super().__init__(f"search: {problem}; {fix}")
+        super().__init__("search", problem, fix)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 
 from tera.planner import capacity
 from tera.planner.capacity import Assumptions, Capacity, Goodput, estimate, goodput
-from tera.planner.cli import main
+
+from .test_cli import run
 
 SMALL = dict(model="gpt-mcore-1.7b", cluster="dgx-h100", tokens=100e9, global_batch=256)
 # The published 16,384-GPU 8K layout of published-runs.yaml `llama3-405b-16384gpu-8k`: tp 8,
@@ -31,15 +32,6 @@ LLAMA3 = [
     "--seq-len",
     "8192",
 ]
-
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's usage errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_young_interval_by_hand():

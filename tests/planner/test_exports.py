@@ -21,6 +21,8 @@ from tera.planner.layout import Layout
 from tera.planner.plan import Plan
 from tera.topologies import load
 
+from .test_plan import prediction
+
 FLAGS_FILE = Path(__file__).parents[3] / "shared" / "reference" / "megatron-lm-flags.txt"
 
 
@@ -30,20 +32,8 @@ def make_plan(text, spec="tiny-moe", gpus=16, global_batch=64, seq_len=256, laye
         spec = dataclasses.replace(spec, layers=layers)
     cluster = load("dgx-h100", gpus=gpus)
     layout = Layout.parse(text).resolve(spec, gpus, global_batch, seq_len)
-    prediction = {  # the shape of Estimate.to_dict(); the cost model is not under test
-        "gpus": gpus,
-        "layout": layout.to_dict(),
-        "global_batch": global_batch,
-        "seq_len": seq_len,
-        "precision": "bf16",
-        "fits": True,
-        "step_time_s": 0.002,
-        "mfu": 0.01,
-        "peak_memory_gib": 0.01,
-        "breakdown_s": {"compute": 0.001},
-        "memory_gib": {"params": 0.001},
-    }
-    return Plan.build(spec, cluster, layout, global_batch, seq_len, "bf16", prediction)
+    shape = prediction(layout, gpus, global_batch, seq_len)
+    return Plan.build(spec, cluster, layout, global_batch, seq_len, "bf16", shape)
 
 
 @pytest.fixture(scope="module")

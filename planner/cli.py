@@ -310,7 +310,6 @@ def _evaluate(args) -> int:
 
 
 def _search(args) -> int:
-    from tera.planner.plan import Plan
     from tera.planner.solve import search
 
     if args.objective == "gpus" and (args.tokens is None or args.days is None):
@@ -345,18 +344,7 @@ def _search(args) -> int:
             deadline_days=args.days,
         )
     if args.output:
-        best = result.best
-        plan = Plan.build(
-            result.spec,
-            result.clusters[best.config.gpus],
-            best.layout,
-            args.global_batch,
-            args.seq_len,
-            args.precision,
-            best.estimate.to_dict(),
-            result.certificate.to_dict(),
-        )
-        plan.save(args.output)
+        result.to_plan().save(args.output)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -26,8 +26,13 @@ field and the fix ("plan.<field>: <problem>; <fix>"), never a traceback:
     memory_gib, and describes this plan (its gpus, global_batch, seq_len, precision and
     layout, where present, are the plan's);
   - the certificate is null or holds exactly status (OPTIMAL | FEASIBLE), objective,
-    objective_kind (step_time | cost), bound, gap >= 0 and seconds >= 0.
-`Plan.load(path)` of `plan.save(path)` equals `plan`.
+    objective_kind (step_time | cost | gpus), bound and gap >= 0;
+  - the alternatives (the search's ranked plans, best first, this plan among them; empty
+    for a plan made from a hand-written layout) each hold rank, gpus, layout_string,
+    step_time_s, tokens_per_s_per_gpu, mfu, peak_memory_gib and fits.
+`Plan.load(path)` of `plan.save(path)` equals `plan`, and a plan is a function of its
+inputs: it holds no clock time (no creation date, no solver seconds), so the same search
+writes the same bytes.
 
 SCHEMA_VERSION bumps on any incompatible change: a key renamed, removed, retyped or given
 a new meaning, and also a new top-level key, because unknown keys are refused (a typo in a
@@ -42,7 +47,6 @@ import json
 import math
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,13 +57,13 @@ from tera.planner.layout import INT_KEYS, Layout, LayoutError
 from tera.topologies import Cluster, ClusterError
 from tera.topologies import from_dict as cluster_from_dict
 
-SCHEMA_VERSION = 1
-READABLE_VERSIONS = (1,)  # schema versions this tera reads
+SCHEMA_VERSION = 2  # 2: no created time or solver seconds; alternatives added
+READABLE_VERSIONS = (2,)  # schema versions this tera reads
 
 # The precisions the cost model knows (tera.planner.cost.PRECISIONS; a test keeps them
 # equal). Kept here so that reading a plan does not import the cost model.
 PRECISIONS = ("bf16", "fp8", "fp32")
-CERTIFICATE_KEYS = ("status", "objective", "objective_kind", "bound", "gap", "seconds")
+CERTIFICATE_KEYS = ("status", "objective", "objective_kind", "bound", "gap")
 CERTIFICATE_STATUSES = ("OPTIMAL", "FEASIBLE")
 OBJECTIVE_KINDS = ("step_time", "cost", "gpus")  # solve.objective.OBJECTIVES (a test)
 PREDICTION_KEYS = {  # required key -> JSON type name
@@ -70,7 +74,17 @@ PREDICTION_KEYS = {  # required key -> JSON type name
     "breakdown_s": "object",
     "memory_gib": "object",
 }
-PROVENANCE_KEYS = ("tera", "python", "torch", "ortools", "networkx", "created")
+PROVENANCE_KEYS = ("tera", "python", "torch", "ortools", "networkx")
+ALTERNATIVE_KEYS = {  # key of each alternatives entry -> JSON type name
+    "rank": "integer",
+    "gpus": "integer",
+    "layout_string": "string",
+    "step_time_s": "number",
+    "tokens_per_s_per_gpu": "number",
+    "mfu": "number",
+    "peak_memory_gib": "number",
+    "fits": "boolean",
+}
 KEY_TYPES = {  # top-level key -> JSON type name, in file order
     "schema_version": "integer",
     "model": "object",
@@ -87,6 +101,7 @@ KEY_TYPES = {  # top-level key -> JSON type name, in file order
     "stages": "array",
     "prediction": "object",
     "certificate": "object or null",
+    "alternatives": "array",
     "provenance": "object",
 }
 REGENERATE = "restore it or write the plan again with tera-plan search -o"
@@ -105,7 +120,7 @@ class PlanError(InputError):
 
 def provenance() -> dict[str, str | None]:
     """Versions of tera and the packages a plan depends on (None when one is not
-    installed, read from package metadata so torch is never imported) and the UTC time."""
+    installed, read from package metadata so torch is never imported)."""
 
     def version(name: str) -> str | None:
         try:
@@ -119,7 +134,6 @@ def provenance() -> dict[str, str | None]:
         "torch": version("torch"),
         "ortools": version("ortools"),
         "networkx": version("networkx"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -140,6 +154,7 @@ class Plan:
     prediction: dict = field(hash=False)  # Estimate.to_dict() of this layout
     certificate: dict | None = field(hash=False)  # None: made from a hand-written layout
     provenance: dict = field(hash=False)
+    alternatives: list = field(default_factory=list, hash=False)  # ALTERNATIVE_KEYS each
 
     @classmethod
     def build(
@@ -152,6 +167,7 @@ class Plan:
         precision: str,
         prediction: dict,
         certificate: dict | None = None,
+        alternatives: list | None = None,
     ) -> Plan:
         """A checked plan with provenance filled in. `layout` must be resolved against
         (spec, cluster.num_gpus, global_batch, seq_len). Prediction and certificate are
@@ -170,9 +186,11 @@ class Plan:
             prediction=_as_json("prediction", prediction),
             certificate=_as_json("certificate", certificate),
             provenance=provenance(),
+            alternatives=_as_json("alternatives", alternatives or []),
         )
         _check_prediction(plan.prediction, plan)
         _check_certificate(plan.certificate)
+        _check_alternatives(plan.alternatives, plan)
         return plan
 
     # ---- derived views ---------------------------------------------------------------------
@@ -226,6 +244,7 @@ class Plan:
             "stages": self.stages(),
             "prediction": self.prediction,
             "certificate": self.certificate,
+            "alternatives": self.alternatives,
             "provenance": self.provenance,
         }
 
@@ -329,6 +348,7 @@ class Plan:
             prediction=_as_json("prediction", data["prediction"]),  # a copy, never NaN
             certificate=_as_json("certificate", data["certificate"]),
             provenance=_as_json("provenance", data["provenance"]),
+            alternatives=_as_json("alternatives", data["alternatives"]),
         )
         if data["layout_string"] != str(layout):
             raise PlanError(
@@ -340,6 +360,7 @@ class Plan:
         _check_ranks(data["ranks"], plan.rank_map())
         _check_stages(data["stages"], plan.stages())
         _check_prediction(data["prediction"], plan)
+        _check_alternatives(plan.alternatives, plan)
         return plan
 
 
@@ -573,13 +594,37 @@ def _check_certificate(certificate: dict | None) -> None:
             f"unknown {certificate['objective_kind']!r}",
             f"use {'|'.join(OBJECTIVE_KINDS)}",
         )
-    for key in ("objective", "bound", "gap", "seconds"):
+    for key in ("objective", "bound", "gap"):
         value = certificate[key]
         if not _is(value, "number") or not math.isfinite(value):
             raise PlanError(f"certificate.{key}", f"expected a finite number, got {value!r}", fix)
-    for key in ("gap", "seconds"):
-        if certificate[key] < 0:
-            raise PlanError(f"certificate.{key}", f"{certificate[key]} is negative", "it is >= 0")
+    if certificate["gap"] < 0:
+        raise PlanError("certificate.gap", f"{certificate['gap']} is negative", "it is >= 0")
+
+
+def _check_alternatives(alternatives: list, plan: Plan) -> None:
+    fix = "store the search's ranked plans, or [] for a hand-written layout"
+    if not isinstance(alternatives, list):
+        raise PlanError("alternatives", f"expected an array, got {_json_type(alternatives)}", fix)
+    for i, entry in enumerate(alternatives):
+        where = f"alternatives[{i}]"
+        if not isinstance(entry, dict):
+            raise PlanError(where, f"expected an object, got {_json_type(entry)}", fix)
+        for key, kind in ALTERNATIVE_KEYS.items():
+            if key not in entry:
+                raise PlanError(f"{where}.{key}", "missing", fix)
+            if not _is(entry[key], kind) or kind == "number" and not math.isfinite(entry[key]):
+                raise PlanError(f"{where}.{key}", f"expected a {kind}, got {entry[key]!r}", fix)
+        extra = sorted(set(entry) - set(ALTERNATIVE_KEYS))
+        if extra:
+            raise PlanError(f"{where}.{extra[0]}", "unknown key", f"remove it; {fix}")
+        if entry["rank"] != i + 1:
+            raise PlanError(f"{where}.rank", f"{entry['rank']} out of order", f"it is {i + 1}")
+    own = (plan.world_size, str(plan.layout))
+    if alternatives and own not in [(a["gpus"], a["layout_string"]) for a in alternatives]:
+        raise PlanError(
+            "alternatives", f"do not include this plan's layout {own[1]!r} on {own[0]} GPUs", fix
+        )
 
 
 def _check_provenance(prov: dict) -> None:
@@ -589,9 +634,3 @@ def _check_provenance(prov: dict) -> None:
             raise PlanError(f"provenance.{key}", "missing", fix)
         if not (prov[key] is None or isinstance(prov[key], str)):
             raise PlanError(f"provenance.{key}", f"expected a string, got {prov[key]!r}", fix)
-    try:
-        created = datetime.fromisoformat(prov["created"] or "")
-    except ValueError as exc:
-        raise PlanError("provenance.created", f"{prov['created']!r} is not ISO-8601", fix) from exc
-    if created.utcoffset() != timezone.utc.utcoffset(None):
-        raise PlanError("provenance.created", f"{prov['created']!r} is not in UTC", fix)

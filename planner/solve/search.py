@@ -109,6 +109,42 @@ class SearchResult:
     def best(self) -> RankedPlan:
         return self.plans[0]
 
+    def alternatives(self) -> list[dict]:
+        """The ranked plans in the plan file's form (plan.ALTERNATIVE_KEYS), best first."""
+        return [
+            {
+                "rank": p.rank,
+                "gpus": p.config.gpus,
+                "layout_string": str(p.layout),
+                "step_time_s": p.estimate.step_time_s,
+                "tokens_per_s_per_gpu": p.estimate.tokens_per_s_per_gpu,
+                "mfu": p.estimate.mfu,
+                "peak_memory_gib": p.estimate.peak_memory_gib,
+                "fits": p.estimate.fits,
+            }
+            for p in self.plans
+        ]
+
+    def to_plan(self, rank: int = 1):
+        """The plan file of the `rank`-th plan (1: the best), with the certificate (less
+        the solver's wall time, which a plan does not hold) and the alternatives."""
+        from tera.planner.plan import CERTIFICATE_KEYS, Plan
+
+        chosen = self.plans[rank - 1]
+        certificate = self.certificate.to_dict()
+        e = chosen.estimate
+        return Plan.build(
+            self.spec,
+            self.clusters[chosen.config.gpus],
+            chosen.layout,
+            e.global_batch,
+            e.seq_len,
+            e.precision,
+            e.to_dict(),
+            {key: certificate[key] for key in CERTIFICATE_KEYS},
+            self.alternatives(),
+        )
+
     def to_dict(self) -> dict:
         return {
             **self.certificate.to_dict(),

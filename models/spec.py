@@ -11,6 +11,7 @@ Invariant: `ModelSpec.from_dict(spec.to_dict()) == spec`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,22 @@ ATTENTION_KINDS = ("mha", "gqa", "mla")
 FFN_KINDS = ("swiglu", "geglu", "gelu", "relu", "squared_relu")
 POSITION_KINDS = ("rope", "learned", "alibi", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# The most each size may be: far beyond every published model (the presets reach 128
+# layers, hidden 25600, FFN 102400, a 256k vocabulary, 160 heads, 2048 experts), so that a
+# larger value is a typo; and small enough that every weight's element count fits torch's
+# int64 sizes (experts x hidden x expert_hidden = 2^53) and a trace stays short.
+LIMITS = {
+    "layers": 1024,
+    "hidden": 2**17,
+    "vocab": 2**22,
+    "max_seq_len": 2**24,
+    "heads": 2**12,
+    "head_dim": 2**12,
+    "lora_rank": 2**16,
+    "ffn_hidden": 2**20,
+    "experts": 2**16,
+    "shared_experts": 2**8,
+}
 
 
 class SpecError(ValueError):
@@ -54,9 +71,11 @@ class AttentionSpec:
 
     def __post_init__(self) -> None:
         _check_choice("attention.kind", self.kind, ATTENTION_KINDS)
-        _check_positive("attention.heads", self.heads)
-        _check_positive("attention.kv_heads", self.kv_heads)
-        _check_positive("attention.head_dim", self.head_dim)
+        _check_positive("attention.heads", self.heads, LIMITS["heads"])
+        _check_positive("attention.kv_heads", self.kv_heads, LIMITS["heads"])
+        _check_positive("attention.head_dim", self.head_dim, LIMITS["head_dim"])
+        for name in ("qk_norm", "qkv_bias"):
+            _check_bool(f"attention.{name}", getattr(self, name))
         if self.heads % self.kv_heads:
             raise SpecError(
                 "attention.kv_heads",
@@ -75,11 +94,13 @@ class AttentionSpec:
                 value = getattr(self, name)
                 if value is None:
                     raise SpecError(f"attention.{name}", "missing for kind: mla", "set it")
-                _check_positive(f"attention.{name}", value)
+                _check_positive(f"attention.{name}", value, LIMITS["lora_rank"])
             if self.q_lora_rank is not None:
-                _check_positive("attention.q_lora_rank", self.q_lora_rank)
+                _check_positive("attention.q_lora_rank", self.q_lora_rank, LIMITS["lora_rank"])
+            # MLA rotates the qk_rope_head_dim channels whatever `position` says
+            _check_even("attention.qk_rope_head_dim", self.qk_rope_head_dim)
         if self.sliding_window is not None:
-            _check_positive("attention.sliding_window", self.sliding_window)
+            _check_positive("attention.sliding_window", self.sliding_window, LIMITS["max_seq_len"])
 
     @property
     def qk_head_dim(self) -> int:
@@ -102,7 +123,7 @@ class FFNSpec:
 
     def __post_init__(self) -> None:
         _check_choice("ffn.kind", self.kind, FFN_KINDS)
-        _check_positive("ffn.hidden", self.hidden)
+        _check_positive("ffn.hidden", self.hidden, LIMITS["ffn_hidden"])
 
     @property
     def gated(self) -> bool:
@@ -136,9 +157,9 @@ class MoESpec:
     aux_loss_coeff: float = 0.01  # Switch Transformer load-balancing loss weight
 
     def __post_init__(self) -> None:
-        _check_positive("moe.experts", self.experts)
+        _check_positive("moe.experts", self.experts, LIMITS["experts"])
         _check_positive("moe.top_k", self.top_k)
-        _check_positive("moe.expert_hidden", self.expert_hidden)
+        _check_positive("moe.expert_hidden", self.expert_hidden, LIMITS["ffn_hidden"])
         _check_positive("moe.every", self.every)
         if self.top_k > self.experts:
             raise SpecError(
@@ -146,13 +167,19 @@ class MoESpec:
                 f"top_k {self.top_k} exceeds the {self.experts} experts",
                 "choose top_k <= experts",
             )
-        if self.shared_experts < 0 or self.first_dense_layers < 0:
-            raise SpecError("moe", "negative shared_experts or first_dense_layers", "use >= 0")
+        _check_count("moe.shared_experts", self.shared_experts, LIMITS["shared_experts"])
+        _check_count("moe.first_dense_layers", self.first_dense_layers, LIMITS["layers"])
         if self.shared_experts and self.shared_hidden is None:
             raise SpecError("moe.shared_hidden", "missing with shared_experts > 0", "set it")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise SpecError("moe.capacity_factor", "must be positive", "or null for dropless")
+        if self.shared_hidden is not None:
+            _check_positive("moe.shared_hidden", self.shared_hidden, LIMITS["ffn_hidden"])
+        if self.capacity_factor is not None:
+            _check_number("moe.capacity_factor", self.capacity_factor, "or null for dropless")
         _check_choice("moe.score", self.score, SCORE_FUNCTIONS)
+        for name in ("expert_bias", "normalize_top_k"):
+            _check_bool(f"moe.{name}", getattr(self, name))
+        _check_number("moe.route_scale", self.route_scale, "1.0 leaves the weights as gated")
+        _check_number("moe.aux_loss_coeff", self.aux_loss_coeff, "0 turns it off", least=0.0)
 
 
 @dataclass(frozen=True)
@@ -177,16 +204,30 @@ class ModelSpec:
     published: dict[str, float] = field(default_factory=dict, hash=False)  # params_total_b, ...
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise SpecError("name", "empty", "give the model a name")
+        if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
+            # messages quote the name: a line break in it would break their one line
+            raise SpecError(
+                "name", f"must be a non-empty one-line string, got {self.name!r}", "name it"
+            )
         for name in ("layers", "hidden", "vocab", "max_seq_len"):
-            _check_positive(name, getattr(self, name))
+            _check_positive(name, getattr(self, name), LIMITS[name])
         _check_choice("position", self.position, POSITION_KINDS)
-        if self.moe is not None and self.moe.first_dense_layers > self.layers:
+        _check_bool("tie_embeddings", self.tie_embeddings)
+        _check_number("rope_theta", self.rope_theta, "e.g. 10000.0")
+        _check_number("norm_eps", self.norm_eps, "e.g. 1e-5")
+        if self.position == "rope" and self.attention.kind != "mla":
+            _check_even("attention.head_dim", self.attention.head_dim)  # RoPE rotates pairs
+        for key, value in self.published.items():
+            if not isinstance(key, str):
+                raise SpecError(
+                    "published", f"key {key!r} is not a name", "write e.g. params_total_b"
+                )
+            _check_number(f"published.{_shown(key)}", value, "a published figure", least=0.0)
+        if self.moe is not None and self.moe.first_dense_layers >= self.layers:
             raise SpecError(
                 "moe.first_dense_layers",
-                f"{self.moe.first_dense_layers} exceeds the {self.layers} layers",
-                "choose first_dense_layers <= layers",
+                f"{self.moe.first_dense_layers} leaves none of the {self.layers} layers MoE",
+                "choose first_dense_layers < layers, or moe: null for a dense model",
             )
 
     def is_moe_layer(self, index: int) -> bool:
@@ -231,7 +272,7 @@ def _build(kind: type, data: Any, prefix: str, **extra: Any):
         if key not in known:
             close = [n for n in known if n.startswith(str(key)[:3])]
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-            raise SpecError(dotted(key), "unknown field", hint)
+            raise SpecError(dotted(_shown(key)), "unknown field", hint)
     kwargs: dict[str, Any] = {}
     for name, f in known.items():
         if name in extra:
@@ -257,8 +298,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             raise SpecError(name, f"expected an integer, got {value!r}", "write a whole number")
         return value
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(name, f"expected a number, got {value!r}", "write a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise SpecError(name, f"expected a finite number, got {value!r}", "write a number")
         return float(value)
     if base == "bool":
         if not isinstance(value, bool):
@@ -275,9 +316,53 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     return value
 
 
-def _check_positive(name: str, value: Any) -> None:
+def _shown(key: Any) -> str:
+    """A key from the YAML as a message names it: itself when a printable string, else
+    its repr, so that a key holding a line break cannot break the one-line error."""
+    return key if isinstance(key, str) and key.isprintable() else repr(key)
+
+
+def _check_positive(name: str, value: Any, most: int | None = None) -> None:
+    """An integer in 1..most (`most`: LIMITS, or None for no bound)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise SpecError(name, f"must be a positive integer, got {value!r}", "fix the value")
+    if most is not None and value > most:
+        raise SpecError(
+            name, f"{value} is more than the {most} tera supports", f"use at most {most}"
+        )
+
+
+def _check_count(name: str, value: Any, most: int) -> None:
+    """An integer in 0..most."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise SpecError(name, f"must be an integer from 0 to {most}, got {value!r}", "fix it")
+
+
+def _check_even(name: str, value: int) -> None:
+    if value % 2:
+        raise SpecError(
+            name, f"{value} is odd; rotary embeddings rotate channel pairs", "use an even width"
+        )
+
+
+def _check_number(name: str, value: Any, fix: str, least: float | None = None) -> None:
+    """A finite number, > 0 (least None) or >= least."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and _finite(value)) or (value <= 0 if least is None else value < least):
+        wanted = "a positive finite number" if least is None else f"a finite number >= {least:g}"
+        raise SpecError(name, f"must be {wanted}, got {value!r}", fix)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SpecError(name, f"expected true or false, got {value!r}", "write true or false")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -290,24 +375,53 @@ def preset_names() -> list[str]:
 
 
 def load_spec(name_or_path: str | Path) -> ModelSpec:
-    """Load a preset by name or a model YAML by path."""
+    """Load a preset by name or a model YAML by path; a file that cannot be read or
+    parsed raises SpecError("model", ...), like every other bad model."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml") or not path.exists():
-        preset = PRESET_DIR / f"{name_or_path}.yaml"
-        if not preset.exists():
+    if path.suffix not in (".yaml", ".yml") or not _exists(path):
+        if str(name_or_path) not in preset_names():
             if path.suffix in (".yaml", ".yml"):
                 raise SpecError("model", f"file {str(path)!r} not found", "check the path")
             names = preset_names()
             close = [n for n in names if str(name_or_path).lower()[:4] in n]
             hint = f"did you mean {', '.join(close[:3])}?" if close else "see `tera-plan models`"
             raise SpecError("model", f"unknown preset {str(name_or_path)!r}", hint)
-        path = preset
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    return ModelSpec.from_dict(_read_yaml(path))
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; any failure to read or parse it (an unreadable file,
+    bytes that are not UTF-8, bad syntax, nesting deeper than the parser recurses) is a
+    SpecError naming the field `model`."""
+    name = path.name if path.name.isprintable() else repr(path.name)  # one line, always
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise SpecError("model", f"cannot read {str(path)!r}: {reason}", "check the path") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            "model",
+            f"{name} is not UTF-8 (byte {err.object[err.start]:#x} at offset {err.start})",
+            "save it as UTF-8",
+        ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError("model", f"{name} is not valid YAML{where}", "fix the syntax") from None
+    except RecursionError:
         raise SpecError(
-            "model", f"{path.name} is not valid YAML{where}", "fix the syntax"
+            "model", f"{name} nests too deeply to parse", "flatten the document"
         ) from None
-    return ModelSpec.from_dict(data)
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` names something on disk; False for a name the OS refuses (too long,
+    a NUL byte), which then reads as a preset name."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False

@@ -39,6 +39,17 @@ def even_partition(layers: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + (1 if c < extra else 0) for c in range(chunks))
 
 
+def shown_key(text: str) -> str:
+    """A key from the user as a message names it: itself when printable, else its repr,
+    so that a key holding a line break cannot break the one-line error."""
+    return text if text.isprintable() else repr(text)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit also takes '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class LayoutError(InputError):
     """A layout that is malformed or does not fit the model, the cluster or the batch."""
 
@@ -71,18 +82,20 @@ class Layout:
             key, sep, raw = item.partition("=")
             key, raw = key.strip(), raw.strip()
             if not sep or not raw:
-                raise LayoutError(key or item, f"{item!r} is not key=value", "write e.g. tp=2")
+                name = shown_key(key or item)
+                raise LayoutError(name, f"{item!r} is not key=value", "write e.g. tp=2")
             if key not in known:
-                raise LayoutError(key, "unknown key", f"use one of {', '.join(sorted(known))}")
+                known_keys = ", ".join(sorted(known))
+                raise LayoutError(shown_key(key), "unknown key", f"use one of {known_keys}")
             if key in values:
                 raise LayoutError(key, "given twice", "give each key once")
             if key in INT_KEYS:
-                if not raw.isdigit() or int(raw) < (0 if key == "zero" else 1):
+                if not _is_number(raw) or int(raw) < (0 if key == "zero" else 1):
                     raise LayoutError(key, f"expected a positive integer, got {raw!r}", "fix it")
                 values[key] = int(raw)
             elif key == "partition":
                 sizes = raw.split(":")
-                if not all(size.isdigit() and int(size) >= 1 for size in sizes):
+                if not all(_is_number(size) and int(size) >= 1 for size in sizes):
                     raise LayoutError(
                         key, f"expected blocks per chunk like 3:5:5:4, got {raw!r}", "fix it"
                     )
@@ -265,3 +278,21 @@ class Layout:
             if getattr(self, f.name) is not None
             and not (f.name == "order" and self.order == DEFAULT_ORDER)
         )
+
+    def brief(self) -> str:
+        """The degrees people read first and the keys that differ from their defaults,
+        recompute as one mode where the stages agree, and an uneven partition last: the
+        short form tables print (str() is the complete, parseable form)."""
+        default = Layout()
+        keys = ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "dp_replicate", "zero", "mbs")
+        always = ("tp", "pp", "ep", "dp", "zero", "mbs")
+        text = ",".join(
+            f"{k}={getattr(self, k)}"
+            for k in keys
+            if k in always or getattr(self, k) != getattr(default, k)
+        )
+        modes = set(self.stage_recompute)
+        text += f",recompute={modes.pop() if len(modes) == 1 else self.recompute}"
+        if self.partition and len(set(self.partition)) > 1:
+            text += f",partition={':'.join(map(str, self.partition))}"
+        return text

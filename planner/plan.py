@@ -53,7 +53,7 @@ from typing import Any
 
 from tera.models.spec import ModelSpec, SpecError
 from tera.planner.errors import InputError
-from tera.planner.layout import INT_KEYS, Layout, LayoutError
+from tera.planner.layout import INT_KEYS, Layout, LayoutError, shown_key
 from tera.topologies import Cluster, ClusterError
 from tera.topologies import from_dict as cluster_from_dict
 
@@ -265,12 +265,13 @@ class Plan:
         """Read and validate a plan file (see the module docstring)."""
         path = Path(path)
         fix = "give the path of a plan written by tera-plan search -o"
-        if not path.is_file():
-            problem = "is a directory" if path.is_dir() else "not found"
-            raise PlanError("file", f"{str(path)!r} {problem}", fix)
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+            text = path.read_bytes().decode("utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            raise PlanError("file", f"{str(path)!r} not found", fix) from None
+        except IsADirectoryError:
+            raise PlanError("file", f"{str(path)!r} is a directory", fix) from None
+        except (OSError, ValueError) as exc:  # no permission, a name the OS refuses, not UTF-8
             raise PlanError("file", f"cannot read {str(path)!r} ({exc})", fix) from exc
 
         def refuse_constant(name: str):
@@ -284,6 +285,8 @@ class Plan:
                 f"{str(path)!r} is not JSON (line {exc.lineno} column {exc.colno}: {exc.msg})",
                 fix,
             ) from exc
+        except RecursionError:
+            raise PlanError("file", f"{str(path)!r} nests too deeply to be a plan", fix) from None
         return cls.from_dict(data)
 
     @classmethod
@@ -307,7 +310,9 @@ class Plan:
         unknown = sorted(set(data) - set(KEY_TYPES))
         if unknown:
             raise PlanError(
-                unknown[0], "unknown key", f"remove it; a plan holds {', '.join(KEY_TYPES)}"
+                shown_key(unknown[0]),
+                "unknown key",
+                f"remove it; a plan holds {', '.join(KEY_TYPES)}",
             )
         for key, kind in KEY_TYPES.items():
             if key not in data:
@@ -415,7 +420,7 @@ def _parse_layout(data: dict) -> Layout:
     """Layout.from_dict after checking keys and types, which it leaves to the caller."""
     known = {f.name for f in dataclasses.fields(Layout)}
     for key, value in data.items():
-        name = f"layout.{key}"
+        name = f"layout.{shown_key(key)}"
         if key not in known:
             raise PlanError(name, "unknown key", f"use one of {', '.join(sorted(known))}")
         if key in INT_KEYS:
@@ -578,7 +583,7 @@ def _check_certificate(certificate: dict | None) -> None:
     keys = set(certificate)
     if keys != set(CERTIFICATE_KEYS):
         missing, extra = set(CERTIFICATE_KEYS) - keys, keys - set(CERTIFICATE_KEYS)
-        name = sorted(missing or extra)[0]
+        name = shown_key(sorted(missing or extra)[0])
         problem = "missing" if missing else "unknown key"
         keys_text = ", ".join(CERTIFICATE_KEYS)
         raise PlanError(f"certificate.{name}", problem, f"{fix}; it holds {keys_text}")
@@ -617,7 +622,7 @@ def _check_alternatives(alternatives: list, plan: Plan) -> None:
                 raise PlanError(f"{where}.{key}", f"expected a {kind}, got {entry[key]!r}", fix)
         extra = sorted(set(entry) - set(ALTERNATIVE_KEYS))
         if extra:
-            raise PlanError(f"{where}.{extra[0]}", "unknown key", f"remove it; {fix}")
+            raise PlanError(f"{where}.{shown_key(extra[0])}", "unknown key", f"remove it; {fix}")
         if entry["rank"] != i + 1:
             raise PlanError(f"{where}.rank", f"{entry['rank']} out of order", f"it is {i + 1}")
     own = (plan.world_size, str(plan.layout))

@@ -21,8 +21,10 @@
     the CPU cores (at least one thread), so the workers do not oversubscribe them.
 
 Invariant: the world always has exactly the plan's number of ranks. A plan for another
-world size (more ranks than local GPUs, a torchrun or srun world of another size) is
-refused before any process group starts, with a LaunchError naming the field and the fix.
+world size (more ranks than local GPUs, a torchrun or srun world of another size), or a
+world that cannot exist (a rank outside 0..WORLD_SIZE-1, a variable that is not an
+integer), is refused before any process group starts, with a LaunchError naming the field
+and the fix.
 """
 
 from __future__ import annotations
@@ -63,31 +65,48 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# launcher -> its (rank, world size, local rank) variables; the first one set wins
+LAUNCHER_VARIABLES = {
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    "srun": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+}
+
+
 def joined_world(env: Mapping[str, str] = os.environ) -> World | None:
     """The world torchrun or srun started this process in; None when neither did. RANK wins
-    over SLURM_PROCID: torchrun inside an srun step sets both."""
-    try:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return World(
-                "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    over SLURM_PROCID: torchrun inside an srun step sets both. A variable that is not an
+    integer, or a rank outside 0..world size - 1, is a LaunchError naming the variable."""
+    for launcher, (rank, size, local) in LAUNCHER_VARIABLES.items():
+        if rank in env and size in env:
+            world = World(
+                launcher, _integer(env, rank), _integer(env, size), _integer(env, local, "0")
             )
-        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            return World(
-                "srun",
-                int(env["SLURM_PROCID"]),
-                int(env["SLURM_NTASKS"]),
-                int(env.get("SLURM_LOCALID", 0)),
-            )
-    except ValueError as exc:
-        raise LaunchError(
-            "environment", f"a launcher variable is not an integer ({exc})", "fix the launch"
-        ) from exc
+            if world.world_size < 1:
+                raise LaunchError(size, f"{world.world_size} processes", "launch at least one")
+            if not 0 <= world.rank < world.world_size:
+                raise LaunchError(
+                    rank,
+                    f"{world.rank} is not a rank of a {world.world_size}-process world "
+                    f"(0 to {world.world_size - 1})",
+                    "fix the launch",
+                )
+            if world.local_rank < 0:
+                raise LaunchError(local, f"{world.local_rank} is negative", "fix the launch")
+            return world
     return None
+
+
+def _integer(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    text = env.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchError(name, f"{text!r} is not an integer", "fix the launch") from None
 
 
 def adopt_slurm(env: MutableMapping[str, str] = os.environ) -> None:
     """Set torch.distributed's variables from Slurm's (see the module docstring)."""
-    nodes = int(env.get("SLURM_NNODES", "1"))
+    nodes = _integer(env, "SLURM_NNODES", "1")
     if "MASTER_ADDR" not in env and nodes > 1:
         raise LaunchError(
             "MASTER_ADDR",

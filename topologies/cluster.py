@@ -295,6 +295,8 @@ class Cluster:
     ) -> Cluster:
         r = Reader(data, "")
         cname = r.str("name", required=name is None) or name
+        if not cname.isprintable():  # messages quote the name: it must stay on one line
+            raise ClusterError("name", f"{cname!r} is not one line of text", "rename it")
         description = r.str("description", required=False) or ""
         srcs = tuple(str(s) for s in (r.list("sources", required=False) or sources))
         num_gpus = r.positive_int("gpus", hint="add `gpus: <total GPUs>`, e.g. 64")
@@ -370,8 +372,8 @@ def load(name_or_path: str | Path, gpus: int | None = None) -> Cluster:
     text_path = None
     if str(name_or_path) in preset_names():
         text_path = PRESET_DIR / f"{name_or_path}.yaml"
-    elif path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+    elif path.suffix in (".yaml", ".yml") or _exists(path):
+        if not _exists(path):
             raise ClusterError("cluster", f"no such file {str(path)!r}", "check the path")
         text_path = path
     else:
@@ -394,11 +396,37 @@ def from_dict(data: dict[str, Any]) -> Cluster:
     return Cluster.from_dict(data)
 
 
+def _exists(path: Path) -> bool:
+    """Whether `path` names something on disk; False for a name the OS refuses (too long,
+    a NUL byte), which then reads as an unknown preset."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; a file that cannot be read (a directory, no
+    permission), is not UTF-8, does not parse or nests deeper than the parser recurses is
+    a ClusterError."""
     import yaml
 
+    name = path.name if path.name.isprintable() else repr(path.name)  # one line, always
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(
+            "cluster", f"cannot read {str(path)!r}: {reason}", "check the path"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ClusterError(
+            "yaml",
+            f"{name} is not UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start})",
+            "save it as UTF-8",
+        ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -406,7 +434,11 @@ def _read_yaml(path: Path) -> Any:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ClusterError(
             "yaml",
-            f"cannot parse {path.name} at {where}: {problem}",
+            f"cannot parse {name} at {where}: {problem}",
             "fix the indentation or quoting on that line",
             line=line,
+        ) from None
+    except RecursionError:
+        raise ClusterError(
+            "yaml", f"{name} nests too deeply to parse", "flatten the document"
         ) from None

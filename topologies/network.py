@@ -324,7 +324,7 @@ def _oversubscription(value: Any, levels: int) -> tuple[float, ...]:
                 f"must be a number (down:up ratio), got {v!r}",
                 "write 1 for non-blocking, 3 for 3:1",
             )
-        if v < 1:
+        if not (math.isfinite(v) and v >= 1):
             raise ClusterError(
                 "network.oversubscription",
                 f"must be >= 1, got {_num(v)}",

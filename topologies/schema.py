@@ -10,6 +10,7 @@ and catalog.py use it.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 from tera.topologies.errors import ClusterError
@@ -64,7 +65,17 @@ class Reader:
                 f"must be a number, got {_show(value)}",
                 hint or "write a plain number without units",
             )
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):  # also YAML's .nan and .inf
+            raise ClusterError(
+                self.field(key),
+                f"must be a finite number, got {_show(value)}",
+                hint or "write a plain number without units",
+            )
+        return number
 
     def positive(self, key: str, default: Any = _MISSING, hint: str = "") -> float | None:
         value = self.number(key, default, hint)
@@ -142,6 +153,8 @@ class Reader:
         unknown = [k for k in self.data if k not in self.seen]
         if unknown:
             key = str(unknown[0])
+            if not key.isprintable():  # a line break in the key must not break the line
+                key = repr(unknown[0])
             close = difflib.get_close_matches(key, sorted(self.seen), n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ClusterError(

@@ -160,7 +160,7 @@ def test_usage_errors_one_line(capsys, argv, needle):
     [
         (["--pue", "0.5"], "pue"),
         (["--table"], "not both"),
-        (["--gpus", "8", "--restart-minutes", "-1"], "restart_minutes"),
+        (["--gpus", "8", "--restart-minutes", "-1"], "--restart-minutes"),
     ],
 )
 def test_value_errors_one_line(capsys, extra, needle):

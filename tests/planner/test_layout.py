@@ -29,6 +29,11 @@ def test_parse_and_resolve_fills_dp():
         ("pp=2,recompute=full:none:none", "recompute"),
         ("pp=2,partition=3:4:5", "partition"),
         ("partition=3:x", "partition"),
+        ("tp=\u00b2", "tp"),  # str.isdigit takes superscript two; int() does not
+        ("tp=\u0662", "tp"),  # an Arabic-Indic two: digits are ASCII
+        ("partition=1:\u00b2", "partition"),
+        ("t\x1ep=2", "'t\\x1ep'"),  # a key holding a line break is named by its repr
+        ("0\x1e0", "'0\\x1e0'"),
     ],
 )
 def test_malformed_layout_strings_name_the_field(text, field):
@@ -36,6 +41,7 @@ def test_malformed_layout_strings_name_the_field(text, field):
         Layout.parse(text)
     assert err.value.field == field
     assert str(err.value).startswith(f"layout.{field}:")
+    assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize(

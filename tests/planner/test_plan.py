@@ -259,6 +259,9 @@ def retile_tp(data):
         (edit("alternatives.0.cost", 1.0), "alternatives[0].cost"),
         (edit("alternatives.0.fits", DELETE), "alternatives[0].fits"),
         (edit("provenance.torch", 2), "provenance.torch"),
+        (edit("a\u2028b", 1), "'a\\u2028b'"),  # a key holding a line break: its repr
+        (edit("layout.t\x1ep", 1), "layout.'t\\x1ep'"),
+        (edit("certificate.\x85", 1), "certificate.'\\x85'"),
     ],
 )
 def test_an_edited_plan_is_refused_naming_the_field(saved, change, field):
@@ -270,6 +273,7 @@ def test_an_edited_plan_is_refused_naming_the_field(saved, change, field):
     assert info.value.field == field
     assert str(info.value).startswith(f"plan.{field}: ")
     assert "; " in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -278,11 +282,13 @@ def test_an_edited_plan_is_refused_naming_the_field(saved, change, field):
         ("{not json", "not JSON"),
         ('{"schema_version": NaN}', "NaN"),
         ("", "not JSON"),
+        ("[" * 5000 + "]" * 5000, "nests too deeply"),
+        ("\udcff", "cannot read"),  # a byte that is not UTF-8
     ],
 )
 def test_a_file_that_is_not_json_is_refused(tmp_path, text, problem):
     path = tmp_path / "plan.json"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(PlanError, match=problem) as info:
         Plan.load(path)
     assert info.value.field == "file"
@@ -294,6 +300,9 @@ def test_a_missing_file_is_refused(tmp_path):
     assert info.value.field == "file"
     with pytest.raises(PlanError, match="directory") as info:
         Plan.load(tmp_path)
+    assert info.value.field == "file"
+    with pytest.raises(PlanError, match="File name too long") as info:
+        Plan.load("x" * 5000)
     assert info.value.field == "file"
 
 

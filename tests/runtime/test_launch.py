@@ -17,8 +17,26 @@ def test_joined_world_reads_torchrun_then_srun_variables():
     assert launch.joined_world(srun) == World("srun", 5, 16, 5)
     # torchrun inside an srun step sets both: torchrun's world is the one to join.
     assert launch.joined_world({**srun, **torchrun}).launcher == "torchrun"
-    with pytest.raises(LaunchError, match="environment: .*not an integer"):
+    with pytest.raises(LaunchError, match="^RANK: 'x' is not an integer; fix the launch$"):
         launch.joined_world({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK: 2 is not a rank of a 2-process world (0 to 1)"),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK: -1 is not a rank of a 2-process world"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE: 0 processes; launch at least one"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK: -1 is negative"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "LOCAL_RANK: 'one' is not an"),
+        ({"SLURM_PROCID": "4", "SLURM_NTASKS": "4"}, "SLURM_PROCID: 4 is not a rank of a 4-"),
+    ],
+)
+def test_a_world_that_cannot_exist_is_refused_naming_the_variable(env, message):
+    """Such a world would start a process group that never forms (a rank past the world)."""
+    with pytest.raises(LaunchError) as err:
+        launch.joined_world(env)
+    assert str(err.value).startswith(message)
 
 
 def test_adopt_slurm_maps_to_torch_variables():
@@ -32,6 +50,8 @@ def test_adopt_slurm_maps_to_torch_variables():
     given = {**multi, "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
     launch.adopt_slurm(given)
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("node7", "1234")
+    with pytest.raises(LaunchError, match="^SLURM_NNODES: 'two' is not an integer"):
+        launch.adopt_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "two"})
 
 
 def test_a_world_of_another_size_is_refused_with_the_fix():

@@ -129,6 +129,31 @@ def test_missing_file():
     assert e.value.field == "cluster"
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"name: x\xff\n", "x.yaml is not UTF-8 (byte 0xff at offset 7)"),
+        (b"[" * 600 + b"]" * 600, "x.yaml nests too deeply to parse"),
+        ("".join(f"{'  ' * i}k:\n" for i in range(600)).encode(), "nests too deeply"),
+    ],
+    ids=["not-utf8", "deep-flow", "deep-block"],
+)
+def test_a_file_that_does_not_read_as_yaml_is_refused(tmp_path, content, problem):
+    p = tmp_path / "x.yaml"
+    p.write_bytes(content)
+    with pytest.raises(ClusterError) as e:
+        load(p)
+    assert e.value.field == "yaml" and problem in str(e.value)
+
+
+def test_a_path_that_cannot_be_read_is_refused(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ClusterError, match=r"^cluster: cannot read .*dir.yaml': Is a directory"):
+        load(tmp_path / "dir.yaml")
+    with pytest.raises(ClusterError, match=r"^cluster: unknown preset 'xxxx"):
+        load("x" * 5000)  # a name too long for the file system: not a path
+
+
 CASES = [
     ("node.gpus", ..., "node.gpus: missing;"),
     ("gpus", ..., "gpus: missing;"),
@@ -159,6 +184,11 @@ CASES = [
     ("network.radix", 12, "network.radix: a leaf's 6 down ports cannot take the 8 NICs"),
     ("node.scaleup", {"domain": 12}, "node.scaleup.domain: 12 GPUs is not a whole number"),
     ("node", [1], "node: must be a mapping, got list [1];"),
+    ("node.nics.gbps", float("nan"), "node.nics.gbps: must be a finite number, got float nan;"),
+    ("node.nics.gbps", float("inf"), "node.nics.gbps: must be a finite number, got float inf;"),
+    ("node.scaleup", {"uni_gbs": 10**400}, "node.scaleup.uni_gbs: must be a finite number"),
+    ("node.line\u2028break", 1, "node.'line\\u2028break': unknown field;"),
+    ("name", "two\nlines", "name: 'two\\nlines' is not one line of text; rename it"),
 ]
 
 

@@ -13,16 +13,21 @@ each one's coupled partition, recompute and memory problem (model.py) exactly:
    then cannot beat the K-th best plan so far), then its memory-aware bound (the
    recompute and imbalance its memory forces), and it goes back in; the second time,
    CP-SAT solves its partition and recompute (model.py) with "objective < the K-th best"
-   as a constraint, for at most SHORT_SOLVE seconds; solves cut short are retried at the
-   end for LONG_SOLVE seconds if they can still win.
+   as a constraint, for at most SHORT_SOLVE units of work; solves cut short are retried
+   at the end for LONG_SOLVE units if they can still win.
 3. The search stops when the next bound is at least the K-th best objective: every
    configuration left is proven no better.
 
 The certificate's bound is the smallest bound not beaten (of a configuration not reached
 or a solve cut short), so `status = OPTIMAL` means proven optimal under the cost model
-over the whole space. A time limit stops the running solve, Ctrl-C the search once the
-running solve returns (each is capped at SHORT_SOLVE or LONG_SOLVE); both return the best
-plan found with its bound and gap.
+over the whole space. A time limit or Ctrl-C stops the search, the running solve
+included, and returns the best plan found with its bound and gap (or SearchError when
+none was found yet). The time limit counts from the call to `search`, tracing included.
+
+Determinism: CP-SAT runs on one worker (by default) and each solve's budget is CP-SAT's
+deterministic time, a count of work, not seconds; ties between configurations break by
+their key. So the same inputs give the same plans, bytes included, whatever the load of
+the machine, unless the time limit or Ctrl-C cuts the search short.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import dataclasses
 import heapq
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +45,7 @@ from ortools.sat.python import cp_model
 
 from tera.planner.cost.calibration import Calibration
 from tera.planner.cost.estimate import CostModel, Estimate, graph_segments
-from tera.planner.errors import InputError
+from tera.planner.errors import InfeasibleError
 from tera.planner.layout import Layout, LayoutError, even_partition
 from tera.planner.solve.bounds import Bounds
 from tera.planner.solve.model import Formulation
@@ -47,9 +53,11 @@ from tera.planner.solve.objective import OBJECTIVES, Objective, gpu_counts, step
 from tera.planner.solve.space import Config, Space
 from tera.planner.solve.tables import MODES, ConfigTables, exposed_floors, stages_of
 
-# A configuration's CP-SAT solve gets SHORT_SOLVE seconds in bound order, so that one hard
+# A configuration's CP-SAT solve gets SHORT_SOLVE in bound order, so that one hard
 # configuration cannot stall the search, and those cut short that can still win get
-# LONG_SOLVE seconds at the end; what is still open then counts in the certificate.
+# LONG_SOLVE at the end; what is still open then counts in the certificate. Both are
+# CP-SAT deterministic time (max_deterministic_time: work units that track seconds on a
+# typical core), so where a solve stops does not depend on the machine's load.
 SHORT_SOLVE = 2.0
 LONG_SOLVE = 20.0
 DEFAULT_PRICE_PER_GPU_HOUR = (
@@ -57,11 +65,18 @@ DEFAULT_PRICE_PER_GPU_HOUR = (
 )
 
 
-class SearchError(InputError):
-    """No layout fits; the message says the smallest change that would make one."""
+# progress(message, fraction): what the search is doing and how far (0..1, None when it
+# cannot tell); the CLI draws it as a bar. A plan entering the top K starts with PLAN_FOUND.
+Progress = Callable[[str, float | None], None]
+PLAN_FOUND = "plan:"
 
-    def __init__(self, problem: str, fix: str):
-        super().__init__("search", problem, fix)
+
+def _silent(message: str, fraction: float | None = None) -> None:
+    pass
+
+
+class SearchError(InfeasibleError):
+    """No layout fits; the message says the smallest change that would make one."""
 
 
 @dataclass(frozen=True)
@@ -154,9 +169,12 @@ class SearchResult:
         }
 
 
-class _Stop:
-    """Stops the search: Ctrl-C (the handler runs once the running solve returns) or the
-    deadline (also the running solve's time limit)."""
+class Stop:
+    """Stops the search: Ctrl-C (SIGINT, while the search holds the handler) or the
+    deadline. A running CP-SAT solve is stopped too: `solve` runs it in a thread and
+    polls, so an interrupt takes effect within POLL_SECONDS, not when the solve ends."""
+
+    POLL_SECONDS = 0.05
 
     def __init__(self, deadline: float):
         self.deadline = deadline
@@ -167,6 +185,29 @@ class _Stop:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.requested or self.left() <= 0
+
+    def solve(self, model: cp_model.CpModel, limit: float, workers: int, first: bool = False):
+        """(status, solver) of `model` given at most `limit` units of deterministic time
+        and what is left of the deadline in seconds; `first`: stop at the first solution
+        (a feasibility question)."""
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = workers
+        # CP-SAT's own SIGINT handler would outlive the solve; ours stops the search.
+        solver.parameters.catch_sigint_signal = False
+        solver.parameters.max_deterministic_time = limit
+        solver.parameters.max_time_in_seconds = max(0.01, self.left())
+        solver.parameters.stop_after_first_solution = first
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(status=solver.solve(model)))
+        thread.start()
+        while thread.is_alive():
+            thread.join(self.POLL_SECONDS)  # the main thread runs the SIGINT handler here
+            if self.requested:
+                solver.stop_search()
+        return outcome["status"], solver
 
 
 class Searcher:
@@ -185,11 +226,13 @@ class Searcher:
         imbalance: float,
         calibration: Calibration | None,
         price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
+        graph=None,
     ):
+        """`graph`: the model traced at `seq_len`, when the caller has it already."""
         from tera.planner.trace import trace
 
         self.price = price_per_gpu_hour
-
+        self.pins = pins
         self.spec, self.clusters = spec, clusters
         self.global_batch, self.seq_len, self.precision = global_batch, seq_len, precision
         if isinstance(objective, str):
@@ -197,7 +240,7 @@ class Searcher:
         self.objective, self.reserve = objective, reserve_bytes
         self.imbalance = imbalance
         self.cal = calibration or Calibration.load()
-        self.graph = trace(spec, seq_len)
+        self.graph = graph if graph is not None else trace(spec, seq_len)
         self.segs = graph_segments(self.graph)
         any_cluster = next(iter(clusters.values()))
         self.space = Space(
@@ -231,35 +274,42 @@ class Searcher:
         top: int,
         time_limit: float | None,
         workers: int,
-        progress: Callable[[str], None] | None,
+        progress: Progress | None,
+        start: float | None = None,
     ) -> SearchResult:
-        start = time.monotonic()
-        stop = _Stop(start + (time_limit if time_limit else math.inf))
-        report = progress or (lambda message: None)
-        configs = list(self.space.configs())
-        queue = []
-        fitting = 0
-        for config in configs:
-            bound = self.bounds.quick(config)
-            if bound is None:
-                continue
-            fitting += 1
-            value = self.objective.value(config, bound)
-            if value is not None:
-                queue.append((value, False, config))
-        if not queue:
-            raise self._infeasible(configs, fitting)
-        heapq.heapify(queue)
-        report(f"{len(configs)} configurations, {len(queue)} may fit")
+        """The `top` best plans, or SearchError. `start` (time.monotonic()) is when the
+        caller began, so that `time_limit` covers the tracing too."""
+        start = time.monotonic() if start is None else start
+        stop = Stop(start + (time_limit if time_limit else math.inf))
+        report = progress or _silent
         previous = signal.signal(signal.SIGINT, stop)
         try:
+            configs = list(self.space.configs())
+            queue = []
+            fitting = 0
+            for i, config in enumerate(configs):
+                if i % 256 == 0:
+                    if stop.expired():
+                        raise _stopped(time_limit)
+                    report(f"bounding {len(configs):,} configurations", i / len(configs))
+                bound = self.bounds.quick(config)
+                if bound is None:
+                    continue
+                fitting += 1
+                value = self.objective.value(config, bound)
+                if value is not None:
+                    queue.append((value, False, config))
+            if not queue:
+                raise NoLayout(bool(configs), bool(fitting))
+            heapq.heapify(queue)
+            report(f"{len(configs):,} configurations, {len(queue):,} may fit", None)
             found, solved, open_bound = self._branch_and_bound(queue, top, stop, workers, report)
         finally:
             signal.signal(signal.SIGINT, previous)
         if not found:
-            if stop.requested or stop.left() <= 0:
-                raise SearchError("stopped before any layout was found", "allow more time")
-            raise self._infeasible(configs, fitting)
+            if stop.expired():
+                raise _stopped(time_limit)
+            raise NoLayout(True, bool(fitting))
         plans = [self._plan(i + 1, *f) for i, f in enumerate(found)]
         best = found[0][2]
         bound = min(open_bound, best)
@@ -283,12 +333,16 @@ class Searcher:
         unresolved: list = []  # (bound, config) of solves cut short
         open_bound = math.inf
         solved = 0
+        popped = 0
         while queue:
             bound, tightened, config = queue[0]
             cutoff = found[-1][2] if len(found) == top else None
             if cutoff is not None and bound >= cutoff:
                 break  # every configuration left has a bound at least the cutoff
-            if stop.requested or stop.left() <= 0:
+            popped += 1
+            if popped % 64 == 0:
+                self._report_proof(report, bound, cutoff)
+            if stop.expired():
                 open_bound = min(open_bound, bound)
                 break
             heapq.heappop(queue)
@@ -313,7 +367,7 @@ class Searcher:
             cutoff = found[-1][2] if len(found) == top else None
             if cutoff is not None and proven_bound >= cutoff:
                 continue
-            if stop.requested or stop.left() <= 0:
+            if stop.expired():
                 open_bound = min(open_bound, proven_bound)
                 continue
             result, again = self._solve_one(config, cutoff, stop, workers, LONG_SOLVE)
@@ -353,7 +407,16 @@ class Searcher:
         found.sort(key=lambda f: (f[2], f[0]))
         del found[top:]
         if result in found:
-            report(f"{solved} solved: {config.key()}  {self._in_units(result[2]):.4g}")
+            value = self._in_units(result[2])
+            report(f"{PLAN_FOUND} {config.key()}  {value:.4g} ({solved} solved)", None)
+
+    def _report_proof(self, report: Progress, bound: int, cutoff: int | None) -> None:
+        """How far the proof is: the smallest open bound over the value to beat."""
+        if cutoff is None:
+            report(f"solving: bound {self._in_units(bound):.4g}, no plan yet", None)
+        else:
+            best, low = self._in_units(cutoff), self._in_units(bound)
+            report(f"proving: best {best:.4g}, bound {low:.4g}", min(1.0, bound / cutoff))
 
     def _dp_floor(self, config: Config) -> int:
         """A bound on the exposed data-parallel time (max_s D_s >= the mean of the
@@ -368,7 +431,7 @@ class Searcher:
         return floor // config.pp
 
     def _solve_one(
-        self, config: Config, cutoff: int | None, stop: _Stop, workers: int, limit: float
+        self, config: Config, cutoff: int | None, stop: Stop, workers: int, limit: float
     ):
         """The best partition and recompute of one configuration, if it beats `cutoff`:
         ((config, (partition, recompute), objective) or None, a bound not proven beaten
@@ -378,12 +441,7 @@ class Searcher:
         step_cutoff = self.objective.step_cutoff(config, cutoff)
         if step_cutoff is not None:
             form.model.add(form.objective < step_cutoff)
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = workers
-        # CP-SAT's own SIGINT handler would outlive the solve; ours stops the search.
-        solver.parameters.catch_sigint_signal = False
-        solver.parameters.max_time_in_seconds = max(0.01, min(stop.left(), limit))
-        status = solver.solve(form.model)
+        status, solver = stop.solve(form.model, limit, workers)
         if status == cp_model.INFEASIBLE:
             return None, None
         if status == cp_model.UNKNOWN:
@@ -406,24 +464,68 @@ class Searcher:
         estimate = self.cost_model(config, layout).estimate(self.spec.name, self.reserve)
         return RankedPlan(rank, config, layout, value, estimate)
 
-    def _infeasible(self, configs, fitting: int) -> SearchError:
-        if not configs:
-            return SearchError(
-                "no layout divides the model, the GPUs and the batch",
-                "change the global batch to a multiple of the data-parallel degree, or the "
-                "GPU count, or drop --fix pins",
-            )
-        if fitting and self.objective.kind == "gpus":
-            return SearchError(
-                f"no layout that fits in memory meets the deadline on up to "
-                f"{max(self.clusters)} GPUs",
-                "allow more GPUs (--gpus), more days or fewer tokens",
-            )
-        return SearchError(
-            "no layout fits in GPU memory",
-            "use more GPUs, a shorter sequence, a smaller global batch, or drop --fix pins "
-            "(full recompute and ZeRO-3 are already in the space)",
+    def first_fit(self, stop: Stop, workers: int) -> tuple[RankedPlan | None, bool]:
+        """Any layout that fits, fewest GPUs first (then by quick bound): the witness an
+        explanation of infeasibility needs. (plan or None, decided): decided is False when
+        a solve or the deadline cut the question short, so None does not prove that no
+        layout fits."""
+        candidates = []
+        for config in self.space.configs():
+            bound = self.bounds.quick(config)
+            if bound is not None:
+                candidates.append((config.gpus, bound, config))
+        candidates.sort()
+        decided = True
+        for _, _, config in candidates:
+            if stop.expired():
+                return None, False
+            if self.bounds.memory(config) is None:
+                continue  # proven: not even full recompute hosts its blocks
+            form = Formulation(self.segs, self.tables(config))
+            form.hint(*self._starting_point(config))
+            status, solver = stop.solve(form.model, SHORT_SOLVE, workers, first=True)
+            if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                value = self.objective.value(config, round(solver.objective_value)) or 0
+                return self._plan(1, config, form.chosen(solver), value), True
+            decided = decided and status == cp_model.INFEASIBLE
+        return None, decided
+
+    def sibling(self, clusters: dict | None = None, seq_len: int | None = None, pins=None):
+        """The same problem on other clusters, another sequence length or other pins
+        (sharing the traced graph when the sequence is the same)."""
+        seq = self.seq_len if seq_len is None else seq_len
+        return Searcher(
+            self.spec,
+            self.clusters if clusters is None else clusters,
+            self.global_batch,
+            seq,
+            self.precision,
+            self.pins if pins is None else pins,
+            self.objective,
+            self.reserve,
+            self.imbalance,
+            self.cal,
+            self.price,
+            graph=self.graph if seq == self.seq_len else None,
         )
+
+
+class NoLayout(Exception):  # noqa: N818 (a signal between modules, not an error type)
+    """Searcher.run found no layout: `divides` whether any configuration divides the
+    problem, `fits` whether any may fit in memory. search() turns it into SearchError."""
+
+    def __init__(self, divides: bool, fits: bool):
+        super().__init__()
+        self.divides, self.fits = divides, fits
+
+
+def _stopped(time_limit: float | None) -> SearchError:
+    if time_limit:
+        return SearchError(
+            f"no layout found within the {time_limit:g} s time limit",
+            "allow more time (--time-limit)",
+        )
+    return SearchError("interrupted before any layout was found", "let the search run longer")
 
 
 def search(
@@ -441,8 +543,8 @@ def search(
     reserve_gib: float = 0.0,
     imbalance: float = 1.0,
     calibration: Calibration | None = None,
-    workers: int = 2,
-    progress: Callable[[str], None] | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
     tokens: float | None = None,
     deadline_days: float | None = None,
 ) -> SearchResult:
@@ -456,6 +558,7 @@ def search(
     from tera.planner.inputs import load_problem
     from tera.planner.solve.space import parse_pins
 
+    start = time.monotonic()
     spec, full = load_problem(model, cluster, gpus, precision, global_batch, seq_len, imbalance)
     if objective not in OBJECTIVES:
         raise LayoutError("objective", f"unknown {objective!r}", f"use {'|'.join(OBJECTIVES)}")
@@ -467,8 +570,13 @@ def search(
         raise LayoutError(
             "price_per_gpu_hour", f"must be positive, got {price_per_gpu_hour}", "fix it"
         )
-    if reserve_gib < 0:
-        raise LayoutError("reserve_gib", f"must be at least 0, got {reserve_gib}", "fix it")
+    hbm_gib = full.gpu.hbm_bytes / 2**30
+    if not 0 <= reserve_gib < hbm_gib:
+        raise LayoutError(
+            "reserve_gib",
+            f"must be at least 0 and below the GPU's {hbm_gib:.1f} GiB, got {reserve_gib}",
+            "keep back less",
+        )
     goal = None if objective == "gpus" else Objective(objective)
     if objective == "gpus":
         for name, value in (("tokens", tokens), ("deadline_days", deadline_days)):
@@ -493,4 +601,10 @@ def search(
         calibration,
         price_per_gpu_hour,
     )
-    return searcher.run(top, time_limit, workers, progress)
+    try:
+        return searcher.run(top, time_limit, workers, progress, start)
+    except NoLayout as reason:
+        from tera.planner.solve.infeasible import explain
+
+        (progress or _silent)("no layout fits: looking for the nearest change that fits", None)
+        raise explain(searcher, reason, workers, tokens) from None

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tera.models.spec import ModelSpec
-from tera.planner.layout import INT_KEYS, Layout, LayoutError
+from tera.planner.layout import INT_KEYS, Layout, LayoutError, shown_key
 from tera.planner.ranks import DEFAULT_ORDER, ORDERS
 
 MAX_CP = 8
@@ -110,13 +110,15 @@ def parse_pins(text: str | None) -> dict[str, int | str]:
         key, _, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if key not in PINNABLE:
-            raise LayoutError(key, "cannot be pinned", f"pin one of {', '.join(PINNABLE)}")
+            raise LayoutError(
+                shown_key(key), "cannot be pinned", f"pin one of {', '.join(PINNABLE)}"
+            )
         if key == "order":
             if raw not in ORDERS:
                 raise LayoutError(key, f"unknown rank order {raw!r}", f"use {' or '.join(ORDERS)}")
             pins[key] = raw
             continue
-        if not raw.isdigit() or int(raw) < (0 if key == "zero" else 1):
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < (0 if key == "zero" else 1):
             raise LayoutError(key, f"expected a positive integer, got {raw!r}", "fix --fix")
         pins[key] = int(raw)
     assert set(PINNABLE) - {"gpus", "order"} <= set(INT_KEYS)

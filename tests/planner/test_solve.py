@@ -15,7 +15,7 @@ from tera.planner.layout import LayoutError
 from tera.planner.solve import SearchError, search
 from tera.planner.solve.enumerate import candidates, compositions, enumerate_space
 from tera.planner.solve.objective import Objective
-from tera.planner.solve.search import Searcher
+from tera.planner.solve.search import NoLayout, Searcher, Stop
 from tera.planner.solve.space import Space, parse_pins
 from tera.planner.solve.tables import MODES, stages_of
 from tera.topologies import from_dict, load
@@ -132,9 +132,13 @@ def test_cp_sat_optimum_equals_exhaustive_enumeration(p):
     fewer = p["objective"] != "step_time"
     s = searcher(spec, cluster, p["batch"], p["seq"], pins, objective, fewer)
     brute = enumerate_space(s)
+    if s.objective.kind != "gpus":  # the witness search agrees on whether anything fits
+        witness, decided = s.first_fit(Stop(math.inf), workers=1)
+        assert decided and (witness is None) == (brute.objective_ns is None)
+        assert witness is None or witness.estimate.fits
     try:
         result = s.run(top=1, time_limit=None, workers=1, progress=None)
-    except SearchError:
+    except NoLayout:
         assert brute.objective_ns is None  # nothing fits, by enumeration too
         return
     best = result.best
@@ -197,13 +201,6 @@ def test_pins_are_obeyed():
     assert (result.best.layout.tp, result.best.layout.pp) == (2, 2)
 
 
-def test_infeasible_search_names_the_change_that_helps():
-    with pytest.raises(SearchError, match="more GPUs"):
-        search(TINY, small_cluster(2, 0.001), 8, 128, workers=1)
-    with pytest.raises(SearchError, match="global batch"):
-        search(TINY, small_cluster(8, 1.0), 8, 128, fix="tp=1,cp=1,pp=1,mbs=2", workers=1)
-
-
 def test_cost_objective_may_use_fewer_gpus_and_reports_dollars():
     result = search(TINY, small_cluster(16, 1.0), 16, 128, objective="cost", workers=1)
     best = result.best
@@ -262,24 +259,6 @@ def test_bounds_never_exceed_the_best_candidate_of_a_configuration(hbm_gb):
         tight += memory > quick
     if hbm_gb < 0.01:
         assert tight > 0  # memory pressure makes the memory bound bite
-
-
-def test_ctrl_c_returns_the_best_plan_so_far_with_its_gap():
-    """SIGINT during the search stops it; the plans found so far come back, FEASIBLE
-    unless the stop came after the proof."""
-    import os
-    import signal
-
-    def interrupt(message: str) -> None:
-        if "solved:" in message:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    before = signal.getsignal(signal.SIGINT)
-    result = search(TINY, small_cluster(8, 1.0), 32, 128, top=3, workers=1, progress=interrupt)
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
-    c = result.certificate
-    assert len(result.plans) >= 1 and result.best.estimate.fits
-    assert c.status == "FEASIBLE" and c.bound < c.objective and c.gap > 0
 
 
 def test_the_memory_reserve_is_kept_free():

@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 
 from tera.planner.cost.calibration import ADAM_BYTES_PER_PARAM, CAUSAL_FRACTION, Calibration
 from tera.planner.cost.memory import MemoryModel, StageMemory, sharded_params, zero_shards
-from tera.planner.cost.stages import BLOCK_KINDS, Segments, Stage, segments, split_stages
+from tera.planner.cost.stages import (
+    BLOCK_KINDS,
+    Segments,
+    Stage,
+    segments,
+    split_chunks,
+    split_stages,
+)
 from tera.planner.layout import Layout
 
 GiB = 2**30
@@ -330,6 +337,24 @@ class CostModel:
             for name, value in seg.parts.items():
                 parts[name] += n * value
         return StageTime(forward, backward, parts)
+
+    def chunk_times(self) -> list[list[StageTime]]:
+        """Seconds per micro-batch of every virtual chunk, per stage in chunk order: entry
+        [s][k] is global chunk k*pp + s (split_chunks). A chunk is costed as stage_time
+        costs a stage, with the stage's pipeline send/recv split evenly over its vpp
+        chunks, so the forward and backward of a stage's chunks add up to its stage_time.
+        For drawing the pipeline schedule; the step time does not use it."""
+        vpp = self.layout.vpp
+        surplus = self.pp_time() / 2 * (1 - 1 / vpp)  # stage_time charges each chunk pp/2
+        times = []
+        for chunks in split_chunks(self.segs, self.layout):
+            row = []
+            for chunk in chunks:
+                t = self.stage_time(chunk)
+                parts = dict(t.breakdown, pp_comm=t.breakdown["pp_comm"] / vpp)
+                row.append(StageTime(t.forward - surplus, t.backward - surplus, parts))
+            times.append(row)
+        return times
 
     # -- data parallelism and optimizer -------------------------------------------------
     @functools.cached_property

@@ -193,3 +193,28 @@ def split_stages(segs: Segments, layout) -> list[Stage]:
             totals.add_totals(segs.totals[kind], n)
         stages.append(Stage(s, chunks, counts, layout.stage_recompute[s], totals))
     return stages
+
+
+def split_chunks(segs: Segments, layout) -> list[list[Stage]]:
+    """The virtual chunks of a resolved layout, per stage in chunk order: entry [s][k] is
+    global chunk k*pp + s, a Stage holding only that chunk's blocks, with the embedding
+    on chunk 0 and the head (and a tied copy of the embedding) on the last chunk. The
+    counts of a stage's chunks add up to that stage's counts in `split_stages`."""
+    pp = layout.pp
+    bounds = chunk_bounds(layout.chunk_sizes(segs.layers))
+    last_chunk = len(bounds) - 1
+    stages: list[list[Stage]] = [[] for _ in range(pp)]
+    for c, (first, last) in enumerate(bounds):
+        s = c % pp
+        counts = dict.fromkeys(SEGMENT_KINDS, 0)
+        for x in range(first, last + 1):
+            counts[segs.block_kinds[x]] += 1
+        held = segs.held(s, pp)
+        counts["embedding"] = held["embedding"] if c == 0 else 0
+        counts["head"] = held["head"] if c == last_chunk else 0
+        counts["tied_head"] = held["tied_head"] if c == last_chunk else 0
+        totals = Totals()
+        for kind, n in counts.items():
+            totals.add_totals(segs.totals[kind], n)
+        stages[s].append(Stage(s, [(first, last)], counts, layout.stage_recompute[s], totals))
+    return stages

@@ -2,8 +2,8 @@
 written atomically.
 
 Layout on disk: `<directory>/step_<N>/` holds DCP's files (`.metadata` and one `.distcp`
-per rank) and a `COMPLETE` marker (JSON: step, world size and the caller's metadata).
-Invariants:
+per rank) and a `COMPLETE` marker (JSON: step, world size, the manifest and the caller's
+metadata). Invariants:
   - A checkpoint is complete if and only if it is a `step_<N>` directory with a `COMPLETE`
     marker. `save` writes into `step_<N>.tmp`, waits for every rank (DCP's own gather plus a
     barrier), then rank 0 renames the directory to `step_<N>` and writes the marker last
@@ -11,6 +11,13 @@ Invariants:
     before the checkpoint is complete. A crash at any point leaves either the previous
     state or a `.tmp` / unmarked directory, which `latest` and `load` ignore and the next
     `save` of that step replaces.
+  - The marker's manifest (`files`) holds the size and sha256 of every file DCP wrote,
+    hashed after the write (each rank hashes a share of the files). `load` verifies the
+    files against it before DCP reads them (each rank hashes a share again), so a file
+    truncated, changed or deleted since the save is a CheckpointError naming the checkpoint
+    and the file, not a DCP error or silently wrong weights. `verify(..., contents=False)`
+    checks presence and sizes only, cheaply, before a run starts. A checkpoint written
+    before manifests existed has none and loads unchecked.
   - Every rank must see the same directory (a shared file system across nodes).
   - DCP reshards on load: tensors saved as DTensors under one mesh load into another mesh,
     or into plain tensors, as long as the fully qualified names agree.
@@ -21,6 +28,7 @@ generator states of every rank, so a resumed run draws the same random numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -37,8 +45,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tera.planner.errors import InputError
+from tera.runtime import faults
 
 MARKER = "COMPLETE"
+MANIFEST = "files"  # the marker's key of {file name: {"bytes": size, "sha256": hex digest}}
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -65,21 +75,33 @@ def is_complete(directory: str | Path, step: int) -> bool:
 
 def latest(directory: str | Path) -> int | None:
     """The highest step with a complete checkpoint in `directory`, None when there is none."""
+    return max(_complete_steps(directory), default=None)
+
+
+def _complete_steps(directory: str | Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    steps = [
+        return []
+    return [
         int(match.group(1))
         for entry in directory.iterdir()
         if (match := _STEP_DIR.fullmatch(entry.name)) and (entry / MARKER).is_file()
     ]
-    return max(steps, default=None)
 
 
 def read_marker(directory: str | Path, step: int) -> dict[str, Any]:
-    """The COMPLETE marker of a checkpoint: step, world_size and the metadata saved with it."""
+    """The COMPLETE marker of a checkpoint: step, world_size, the manifest and the metadata
+    saved with it."""
     _require_complete(directory, step)
-    return json.loads((step_dir(directory, step) / MARKER).read_text())
+    try:
+        return json.loads((step_dir(directory, step) / MARKER).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            "checkpoint",
+            f"step_{step} in {str(directory)!r} is corrupt: its {MARKER} marker is not JSON "
+            f"({exc.msg})",
+            _drop_fix(directory, step),
+        ) from None
 
 
 def save(
@@ -97,11 +119,34 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     _barrier()
     dcp.save(dict(states), checkpoint_id=tmp)  # DCP fsyncs each file it writes
+    faults.kill_point("checkpoint", step)  # a test hook; nothing unless TERA_FAULT_INJECT
     _barrier()
+    manifest = _manifest(tmp)
     if _rank() == 0:
-        _publish(tmp, final, {"step": step, "world_size": _world_size(), **(metadata or {})})
+        marker = {"step": step, "world_size": _world_size(), MANIFEST: manifest}
+        _publish(tmp, final, {**marker, **(metadata or {})})
     _barrier()
     return final
+
+
+def _manifest(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in `checkpoint`, each rank hashing a share of them,
+    merged on every rank (a collective when there is a process group)."""
+    names = sorted(entry.name for entry in checkpoint.iterdir() if entry.is_file())
+    mine = {name: _digest(checkpoint / name) for name in names[_rank() :: _world_size()]}
+    if not dist.is_initialized():
+        return mine
+    every: list[dict] = [None] * _world_size()
+    dist.all_gather_object(every, mine)
+    return dict(sorted(entry for share in every for entry in share.items()))
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
 def _world_size() -> int:
@@ -134,9 +179,56 @@ def _fsync_dir(path: Path) -> None:
 
 def load(directory: str | Path, step: int, states: dict[str, Stateful]) -> None:
     """Load checkpoint `step` into `states` in place (each Stateful's load_state_dict is
-    called); called on every rank. Refuses an incomplete checkpoint."""
-    _require_complete(directory, step)
+    called); called on every rank. Refuses an incomplete checkpoint and a corrupt one
+    (`verify`)."""
+    verify(directory, step)
     dcp.load(dict(states), checkpoint_id=step_dir(directory, step))
+
+
+def verify(directory: str | Path, step: int, contents: bool = True) -> None:
+    """Check the files of checkpoint `step` against its manifest: each present with its
+    size and, with `contents`, its sha256 (each rank hashes a share of the files; with a
+    process group every rank must call it, and all raise the same CheckpointError naming
+    the first bad file)."""
+    manifest = read_marker(directory, step).get(MANIFEST)
+    if manifest is None:  # saved before checkpoints had manifests
+        return
+    checkpoint = step_dir(directory, step)
+    names = sorted(manifest)
+    hashed = set(names[_rank() :: _world_size()]) if contents else set()
+    problems = [
+        (name, problem)
+        for name in names
+        if (problem := _file_problem(checkpoint / name, manifest[name], name in hashed))
+    ]
+    if contents and dist.is_initialized():
+        every: list[list] = [None] * _world_size()
+        dist.all_gather_object(every, problems)
+        problems = sorted(set(p for share in every for p in share))
+    if problems:
+        raise CheckpointError(
+            "checkpoint",
+            f"step_{step} in {str(directory)!r} is corrupt: {problems[0][1]}",
+            _drop_fix(directory, step),
+        )
+
+
+def _file_problem(path: Path, expected: dict[str, Any], hashed: bool) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{path.name} holds {size} bytes, the manifest {expected['bytes']}"
+    if hashed and _digest(path)["sha256"] != expected["sha256"]:
+        return f"{path.name} differs from the manifest's sha256 (its bytes changed)"
+    return None
+
+
+def _drop_fix(directory: str | Path, step: int) -> str:
+    """How to get past a corrupt checkpoint `step`: the complete one before it, if any."""
+    earlier = [s for s in _complete_steps(directory) if s < step]
+    target = f"resume from step {max(earlier)}" if earlier else "start afresh"
+    return f"restore the checkpoint, or delete {step_dir(directory, step)} to {target}"
 
 
 def _require_complete(directory: str | Path, step: int) -> None:

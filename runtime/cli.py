@@ -2,15 +2,28 @@
 
     tera-run plan.json [--steps N] [--seed S] [--data synthetic|PATH] [--checkpoint-dir D]
                        [--checkpoint-every K] [--resume] [--metrics out.jsonl] [--lr LR]
-                       [--warmup-steps W]
+                       [--warmup-steps W] [--on-nonfinite stop|skip]
 
 A thin layer over tera.runtime.launch (start or join the world) and tera.runtime.run (the
 loop). Every input is checked before a process group starts: the plan (Plan.load), the
-world size, the options, the data file and the checkpoint to resume
-(tera.runtime.run.check_options). Exit status: 0 success; 2 bad input, as one line
-"error: <field>: <problem>; <fix>" and no traceback (printed once: by the launcher, or by
-rank 0 of a torchrun/srun world); 1 a rank failed while training (its traceback is above).
-torch is imported after the plan and the world are checked, so those refusals are quick.
+world size, the options (a checkpoint directory or metrics file that cannot be written
+included), the data file and the checkpoint to resume (tera.runtime.run.check_options).
+Exit status: 0 success; 2 bad input, as one line "error: <field>: <problem>; <fix>" and no
+traceback (printed once: by the launcher, or by rank 0 of a torchrun/srun world), a
+checkpoint whose files do not match its manifest included; 1 training failed: a rank
+crashed (its traceback is above), or, under `--on-nonfinite stop`, a step's loss or
+gradient norm was NaN or infinite (one line "error: step N: non-finite training ...",
+nothing of that step applied). torch is imported after the plan and the world are
+checked, so those refusals are quick.
+
+Restarts: `--resume` starts at step 0 when the checkpoint directory holds no checkpoint
+yet, so the same command line serves every attempt of a torchrun job with restarts:
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m tera.runtime.cli \
+        plan.json --steps N --checkpoint-dir D --checkpoint-every K --resume --metrics m.jsonl
+
+A restarted attempt resumes from the latest complete checkpoint, and the metrics file
+keeps each step once (tera.runtime.run).
 """
 
 from __future__ import annotations
@@ -21,6 +34,10 @@ import sys
 
 class RankInputError(ValueError):
     """A bad input that only a rank could find; the message is the rank's one line."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped at a non-finite step (exit 1); the message is the rank's one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +66,11 @@ def _non_negative_int(text: str) -> int:
     return _parsed(int, text, lambda v: v >= 0, "an integer >= 0")
 
 
+def _seed(text: str) -> int:
+    # numpy's legacy generator, which the runtime seeds, takes 32-bit seeds
+    return _parsed(int, text, lambda v: 0 <= v < 2**32, "an integer in 0 .. 2^32-1")
+
+
 def _positive_float(text: str) -> float:
     return _parsed(float, text, lambda v: 0 < v < float("inf"), "a positive number")
 
@@ -60,14 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=10, metavar="N",
         help="last step of the run, resumed or not (default 10)",
     )  # fmt: skip
-    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="(default 0)")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="(default 0)")
     p.add_argument(
         "--data", default="synthetic", metavar="synthetic|PATH",
         help="the synthetic stream (default) or a .bin token file",
     )  # fmt: skip
     p.add_argument("--checkpoint-dir", metavar="D", help="directory of the run's checkpoints")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="K", help="save every K steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from the latest checkpoint in --checkpoint-dir; start at step 0 if it "
+        "holds none yet (so one command line serves every attempt of a restarted job)",
+    )  # fmt: skip
     p.add_argument("--metrics", metavar="PATH", help="write one JSON line per step (.jsonl)")
     p.add_argument(
         "--lr", type=_positive_float, default=3e-4, metavar="LR",
@@ -76,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup-steps", type=_non_negative_int, default=10, metavar="W",
         help="linear warm-up steps before the cosine decay (default 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--on-nonfinite", choices=("stop", "skip"), default="stop",
+        help="a step with a NaN or infinite loss or gradient norm: stop the run before "
+        "applying it (exit 1, naming the step; default) or skip its update and go on "
+        "(logged with skipped: true)",
     )  # fmt: skip
     return p
 
@@ -99,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         if reporting:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        if reporting:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception:  # a bug: say so, with the traceback a report needs
+        import traceback
+
+        traceback.print_exc()
+        print("internal error: this is a bug in tera; please report it", file=sys.stderr)
+        return 1
 
 
 def _main(args, world) -> int:
@@ -123,6 +165,7 @@ def _main(args, world) -> int:
         metrics=args.metrics,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        on_nonfinite=args.on_nonfinite,
     )
     check_options(plan, options)
     if world is None:
@@ -131,9 +174,10 @@ def _main(args, world) -> int:
             return 1
     else:
         results = {world.rank: worker(args.plan, options)}
-    errors = [result["error"] for _, result in sorted(results.items()) if "error" in result]
-    if errors:
-        raise RankInputError(errors[0])
+    for kind, exception in (("error", RankInputError), ("stopped", TrainingStopped)):
+        messages = [result[kind] for _, result in sorted(results.items()) if kind in result]
+        if messages:
+            raise exception(messages[0])
     return 0
 
 

@@ -5,8 +5,15 @@ so that a crashed or running job's file is readable up to its last step. Keys: s
 grad_norm, lr, tokens (tokens of the global batch the step trained on), step_time_s,
 tokens_per_s, peak_memory_bytes, comm_bytes (bytes each collective kind moved on rank 0 in
 the step, measured) and comm_bytes_predicted (the cost model's bytes per kind on that rank
-per step), both passed in by the run loop, plus any extra keys the caller passes. A
-non-finite number (a diverged loss) is written as null: JSON has no NaN or Infinity.
+per step), both passed in by the run loop, plus any extra keys the caller passes (the run
+loop passes `skipped`: true for a step whose non-finite update was skipped). A non-finite
+number (a diverged loss) is written as null: JSON has no NaN or Infinity.
+
+A resumed run (`resumed_step=N`) keeps the lines of steps <= N and drops the later ones,
+which an attempt killed after its checkpoint of step N wrote, so after any number of
+restarts the file holds every step once. The kept lines are written to a temporary file
+that replaces the old one (os.replace), so a kill during the rewrite leaves the old file
+whole; a line torn by a kill mid-write does not parse and is dropped.
 
 peak_memory_bytes is torch.cuda.max_memory_allocated() on a GPU (tensor memory only, since
 the process started or the last reset); on CPU it is the process's peak resident set size
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -37,6 +45,14 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _step(line: str) -> float:
+    """The step of a metrics line; infinity for one that does not parse (torn by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def _finite(value):
     """`value` with every non-finite float (in nested dicts) replaced by None."""
     if isinstance(value, dict):
@@ -50,8 +66,8 @@ class MetricsWriter:
     """Write one JSON line per step to `path` on global rank 0; a no-op elsewhere and when
     `path` is None. A new run starts the file afresh; a run resumed after step N
     (`resumed_step=N`) keeps the lines of steps <= N and drops the later ones, written
-    before an interruption, so the file holds every step once. Use as a context manager or
-    call close()."""
+    before an interruption, so the file holds every step once (see the module docstring).
+    Use as a context manager or call close()."""
 
     def __init__(
         self,
@@ -68,10 +84,14 @@ class MetricsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resumed_step is not None and path.is_file():
-            lines = path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= resumed_step]
-        self._file = open(path, "w")
-        self._file.writelines(line + "\n" for line in kept)
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(line + "\n" for line in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._file = open(path, "a")
 
     def write(
         self,

@@ -284,12 +284,21 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip the gradients by their global norm, step AdamW and the schedule, clear the
         gradients; returns the norm before clipping."""
-        grad_norm = self._clip_gradients()
+        grad_norm = self.clip_gradients()
+        self.apply_gradients()
+        return grad_norm
+
+    def apply_gradients(self) -> None:
+        """Step AdamW and the schedule with the gradients as they are, then clear them."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._schedule_lr()
-        return grad_norm
+
+    def discard_gradients(self) -> None:
+        """Clear the gradients without a step (a skipped step): parameters, optimizer state
+        and the schedule's position stay as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _schedule_lr(self) -> None:
         """Set the rate the next optimizer step applies (as torch's LR schedulers do, the
@@ -298,7 +307,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * factor
 
-    def _clip_gradients(self) -> float:
+    def clip_gradients(self) -> float:
+        """Scale the gradients to norm MAX_GRAD_NORM if above; returns the global norm before
+        clipping, the same on every rank: NaN or inf when a gradient is not finite, and
+        then the gradients are no use (the run loop skips or stops such a step)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         stage_ranks = dist.get_world_size() // self.meshes.pp_size
         total = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -1,6 +1,6 @@
 """Checkpoints: atomic publication (a crash mid-write is never taken for a checkpoint),
-resharding on load (FSDP2 2-way -> another sharding, -> replicated, -> one process) and the
-optimizer and RNG states round trip."""
+resharding on load (FSDP2 2-way -> another sharding, -> replicated, -> one process), the
+optimizer and RNG states round trip, and the manifest that finds corrupt files."""
 
 import json
 import random
@@ -195,7 +195,9 @@ def test_latest_and_load_ignore_half_written_checkpoints(tmp_path):
     (tmp_path / "step_7").mkdir()  # a crash after the rename, before the marker
     (tmp_path / "step_9").write_text("not a checkpoint")
     assert checkpoint.latest(tmp_path) == 1
-    assert checkpoint.read_marker(tmp_path, 1) == {"step": 1, "world_size": 1, "note": "first"}
+    marker = checkpoint.read_marker(tmp_path, 1)
+    assert marker.pop("files").keys() == {".metadata", "__0_0.distcp"}  # the manifest
+    assert marker == {"step": 1, "world_size": 1, "note": "first"}
     with pytest.raises(CheckpointError, match="no complete checkpoint of step 7.*use step 1"):
         checkpoint.load(tmp_path, 7, {"t": Tensors(x=torch.zeros(4))})
     assert checkpoint.latest(tmp_path / "absent") is None
@@ -231,3 +233,39 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     checkpoint.load(tmp_path, 4, {"t": state})
     assert torch.equal(state.tensors["x"], torch.full((3,), 4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4"]
+
+
+def test_manifest_finds_changed_truncated_and_missing_files(tmp_path):
+    checkpoint.save(tmp_path, 1, {"t": Tensors(x=torch.arange(4.0))})
+    checkpoint.save(tmp_path, 2, {"t": Tensors(x=torch.arange(8.0))})
+    shard = tmp_path / "step_2" / "__0_0.distcp"
+    manifest = checkpoint.read_marker(tmp_path, 2)["files"]
+    assert manifest[shard.name]["bytes"] == shard.stat().st_size
+    checkpoint.verify(tmp_path, 2)  # as saved: passes
+    original = shard.read_bytes()
+    corrupt = f"checkpoint: step_2 in {str(tmp_path)!r} is corrupt: __0_0.distcp"
+    fix = f"; restore the checkpoint, or delete {tmp_path / 'step_2'} to resume from step 1"
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    shard.write_bytes(flipped)
+    checkpoint.verify(tmp_path, 2, contents=False)  # same size: only the contents tell
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(tmp_path, 2, {"t": Tensors(x=torch.zeros(8))})
+    changed = "differs from the manifest's sha256 (its bytes changed)"
+    assert str(info.value) == f"{corrupt} {changed}{fix}"
+
+    shard.write_bytes(original[:-10])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.verify(tmp_path, 2, contents=False)
+    n = len(original)
+    assert str(info.value) == f"{corrupt} holds {n - 10} bytes, the manifest {n}{fix}"
+
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="__0_0.distcp is missing; restore"):
+        checkpoint.verify(tmp_path, 2, contents=False)
+
+    (tmp_path / "step_2" / "COMPLETE").write_text('{"step": 2, "wor')  # torn marker
+    with pytest.raises(CheckpointError, match="its COMPLETE marker is not JSON"):
+        checkpoint.verify(tmp_path, 2)
+    checkpoint.verify(tmp_path, 1)  # the earlier checkpoint is untouched

@@ -52,7 +52,6 @@ def files(tmp_path_factory):
     state = {"progress": Progress(2)}
     checkpoint.save(tmp / "partial", 2, state, {"settings": settings})
     checkpoint.save(tmp / "done", 4, state, {"settings": settings})
-    (tmp / "empty").mkdir()
     make_plan(tmp / "cp2.json", "cp=2", gpus=2)  # valid, but the Trainer has no cp
     return tmp
 
@@ -78,10 +77,10 @@ BAD_INPUTS = {  # name -> (arguments, extra environment, the one line expected o
         {},
         "error: --resume: needs a checkpoint directory; pass --checkpoint-dir DIR",
     ),
-    "resume without checkpoint": (
-        ["plan.json", "--resume", "--checkpoint-dir", "empty"],
+    "unknown non-finite policy": (
+        ["plan.json", "--on-nonfinite", "ignore"],
         {},
-        "error: --checkpoint-dir: no complete checkpoint in 'empty' to resume from",
+        "error: argument --on-nonfinite: invalid choice: 'ignore'",
     ),
     "resume with another seed": (
         ["plan.json", "--resume", "--checkpoint-dir", "partial", "--steps", "4", "--seed", "1"],
@@ -204,10 +203,14 @@ def test_metrics_writer_writes_one_flushed_line_per_step(tmp_path):
     # On CPU: the peak RSS, which never falls, of a process that imported torch (> 10 MiB).
     assert 10 * 2**20 < lines[0]["peak_memory_bytes"] <= peak_memory_bytes()
 
-    # A resumed run keeps the steps up to its checkpoint and drops the ones after it.
+    # A resumed run keeps the steps up to its checkpoint and drops the ones after it, a
+    # line torn by a kill included, and leaves no temporary file.
+    with open(path, "a") as f:
+        f.write('{"step": 3, "lo')
     with MetricsWriter(path, resumed_step=1) as metrics:
         metrics.write(2, 6.5, 64, 0.25)
     assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [7.5, 6.5]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]
     with MetricsWriter(path) as metrics:  # a new run starts afresh
         pass
     assert path.read_text() == ""

@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tera.planner.errors import InputError
+from tera.planner.errors import InfeasibleError, InputError
 from tera.planner.solve.search import DEFAULT_PRICE_PER_GPU_HOUR
 
 GB = 1e9
@@ -297,12 +297,6 @@ class Capacity:
         }
 
 
-def _short(layout) -> str:
-    from tera.planner.cli import _short_layout
-
-    return _short_layout(layout)
-
-
 def capacity_of(spec, cluster, layout, est, tokens, global_batch, seq_len, assumptions):
     """The Capacity of one costed layout (`est`: a tera.planner.cost.Estimate)."""
     held = (est.memory_gib.get("params", 0.0) + est.memory_gib.get("optimizer", 0.0)) * GiB
@@ -324,7 +318,7 @@ def capacity_of(spec, cluster, layout, est, tokens, global_batch, seq_len, assum
         model=spec.name,
         cluster=cluster.name,
         gpus=cluster.num_gpus,
-        layout=_short(layout),
+        layout=layout.brief(),
         fits=est.fits,
         tokens=tokens,
         global_batch=global_batch,
@@ -417,8 +411,7 @@ def estimate(
             return cap
         # ideal <= days * fraction held but ideal / goodput did not: goodput < fraction.
         fraction = cap.goodput.fraction
-    raise CapacityError(
-        "days",
+    raise InfeasibleError(
         f"no GPU count up to {full.num_gpus} meets {days} effective days after "
         f"{MAX_DEADLINE_ROUNDS} rounds",
         "allow more GPUs (--gpus), more days or fewer tokens",

@@ -1,14 +1,18 @@
 """`tera-plan`: a thin command line over tera.planner's Python API.
 
-Exit status: 0 success, 2 bad input (one line naming the field and the fix, no
-traceback). Heavy imports (torch, networkx) happen inside the commands that need them, so
+Exit status: 0 success; 2 bad input (one line naming the field and the fix, no traceback);
+3 infeasible: the inputs are valid but admit no layout (one line saying what would make
+one fit); 1 an internal error, a bug in tera: the only case that prints a traceback.
+Heavy imports (torch, networkx) happen inside the commands that need them, so
 `tera-plan models` starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 
 GiB = 2**30
@@ -27,8 +31,18 @@ def _input_errors() -> tuple[type[Exception], ...]:
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake in one line with exit status 2."""
 
+    needs: dict[str, str] = {}  # dest of a flag -> dest of the flag it needs (see build_parser)
+
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        for flag, needed in self.needs.items():
+            if getattr(namespace, flag, None) is not None and getattr(namespace, needed) is None:
+                dashed = f"--{flag.replace('_', '-')}"
+                self.error(f"argument {dashed}: needs --{needed.replace('_', '-')}")
+        return namespace, rest
 
 
 def _positive_int(text: str) -> int:
@@ -53,18 +67,38 @@ def _token_count(text: str) -> float:
         value = float(number) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count like 15T, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:  # refuses nan and inf too
         raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+def _number(least: float, strict: bool, want: str):
+    """An argparse type: a finite number > `least` (strict) or >= `least`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > least if strict else value >= least)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _number(0.0, True, "a positive number")
+_non_negative_float = _number(0.0, False, "a number >= 0")
+_at_least_one = _number(1.0, False, "a number >= 1")  # a ratio over its ideal: imbalance, PUE
+
+
+def _seq_len(text: str) -> int:
+    """A positive integer up to the longest sequence the planner takes."""
+    from tera.planner.inputs import MAX_SEQ_LEN
+
+    value = _positive_int(text)
+    if value > MAX_SEQ_LEN:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SEQ_LEN} tokens, got {text!r}")
     return value
 
 
@@ -72,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tera-plan", description="Plan the parallel layout of MoE training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("models", help="list model presets")
-    sub.add_parser("clusters", help="list cluster presets")
+    p = sub.add_parser("models", help="list model presets")
+    p.add_argument("--json", action="store_true", help="print each preset's model as JSON")
+    p = sub.add_parser("clusters", help="list cluster presets")
+    p.add_argument("--json", action="store_true", help="print each preset's cluster as JSON")
 
     p = sub.add_parser("trace", help="trace a model to the Graph IR and summarise it")
     p.add_argument("model", help="preset name or model YAML path")
-    p.add_argument("--seq-len", type=_positive_int, default=4096)
+    p.add_argument("--seq-len", type=_seq_len, default=4096)
     p.add_argument("--json", action="store_true", help="print the graph as node-link JSON")
 
     p = sub.add_parser("evaluate", help="cost one layout")
@@ -88,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _problem_arguments(p)
     p.add_argument("--fix", default="", help="pin keys, e.g. tp=2,ep=8")
     p.add_argument("--top", type=_positive_int, default=3, help="plans to rank (default 3)")
-    p.add_argument("--time-limit", type=float, help="seconds; the best plan so far and its gap")
+    p.add_argument(
+        "--time-limit", type=_positive_float, help="seconds; the best plan so far and its gap"
+    )
     p.add_argument(
         "--objective",
         choices=("step_time", "cost", "gpus"),
@@ -98,9 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens", type=_token_count, help="tokens to train, e.g. 15T (gpus)")
     p.add_argument("--days", type=_positive_float, help="the deadline in days (gpus)")
-    p.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD (default 2.5)")
-    p.add_argument("--reserve-gib", type=float, default=0.0, help="HBM kept free per GPU")
+    p.add_argument(
+        "--price-per-gpu-hour", type=_positive_float, default=2.5, help="USD (default 2.5)"
+    )
+    p.add_argument(
+        "--reserve-gib", type=_non_negative_float, default=0.0, help="HBM kept free per GPU"
+    )
     p.add_argument("-o", "--output", help="write the best plan as plan.json")
+
+    p = sub.add_parser("show", help="summarise a plan; --html writes a page with charts")
+    p.add_argument("plan", help="plan.json written by tera-plan search -o")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     p = sub.add_parser("export", help="write a plan as another stack's config or launch file")
     p.add_argument("plan", help="plan.json written by tera-plan search -o")
@@ -114,14 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--gpus", type=_positive_int, help="train on N GPUs")
     size.add_argument("--days", type=_positive_float, help="the fewest GPUs for this deadline")
     p.add_argument("--max-gpus", type=_positive_int, help="with --days: the most GPUs to try")
+    p.needs = {"max_gpus": "days"}
     p.add_argument("--layout", help="cost this layout (default: search the fastest)")
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--seq-len", type=_seq_len, required=True)
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
     p.add_argument("--price-per-gpu-hour", type=_positive_float, help="USD (default 2.5, sourced)")
-    p.add_argument("--pue", type=_positive_float, help="default 1.56 (Uptime 2024 average)")
-    p.add_argument("--grid-gco2-per-kwh", type=float, help="grid intensity; no default, no CO2")
-    p.add_argument("--restart-minutes", type=float, help="restart time (default 10)")
+    p.add_argument("--pue", type=_at_least_one, help="default 1.56 (Uptime 2024 average)")
+    p.add_argument(
+        "--grid-gco2-per-kwh", type=_non_negative_float, help="grid intensity; no default, no CO2"
+    )
+    p.add_argument("--restart-minutes", type=_non_negative_float, help="restart time (default 10)")
     p.add_argument("--checkpoint-gbps-per-node", type=_positive_float, help="default 40")
     p.add_argument("--gpu-hours-per-interruption", type=_positive_float, help="default 50700")
     p.add_argument("--node-power-kw", type=_positive_float, help="node max power")
@@ -137,11 +187,11 @@ def _problem_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True, help="preset name or cluster YAML path")
     p.add_argument("--gpus", type=_positive_int, help="size the cluster to N GPUs")
     p.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--seq-len", type=_seq_len, required=True)
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"), default="bf16")
     p.add_argument(
         "--imbalance",
-        type=float,
+        type=_at_least_one,
         default=1.0,
         help="busiest expert's load over the mean (1.0: balanced routing)",
     )
@@ -158,12 +208,67 @@ def main(argv: list[str] | None = None) -> int:
         "search": _search,
         "export": _export,
         "estimate": _estimate,
+        "show": _show,
     }
+    from tera.planner.errors import InfeasibleError
+
     try:
         return command[args.command](args)
     except _input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except InfeasibleError as err:
+        print(f"infeasible: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: say so, with the traceback a report needs
+        import traceback
+
+        traceback.print_exc()
+        print("internal error: this is a bug in tera; please report it", file=sys.stderr)
+        return 1
+
+
+def _interactive(args) -> bool:
+    """Whether to draw progress: a person watches standard error, and no --json."""
+    return not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    """A search.Progress callback that draws one transient bar on standard error while
+    the work runs (so standard output stays clean for --json and pipes); plans entering
+    the top K are printed above the bar. A no-op when not enabled."""
+    if not enabled:
+        yield lambda message, fraction=None: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from tera.planner.solve.search import PLAN_FOUND
+
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("starting", total=None)
+
+    def update(message: str, fraction: float | None = None) -> None:
+        if message.startswith(PLAN_FOUND):
+            bar.console.print(f"  {message}", highlight=False)
+            return
+        total = None if fraction is None else 1.0
+        bar.update(task, description=message, total=total, completed=fraction or 0.0)
+
+    with bar:
+        yield update
 
 
 def _console():
@@ -187,6 +292,11 @@ def _models(args) -> int:
 
     from tera.models.spec import PRESET_DIR, preset_names
 
+    if args.json:
+        from tera.models import load_spec
+
+        print(json.dumps({name: load_spec(name).to_dict() for name in preset_names()}, indent=2))
+        return 0
     table = _table(
         "model presets",
         ["name", "layers", "hidden", "attention", "experts", "top-k", "params (B)", "active (B)"],
@@ -213,6 +323,9 @@ def _models(args) -> int:
 def _clusters(args) -> int:
     from tera.topologies import load, preset_names
 
+    if args.json:
+        print(json.dumps({name: load(name).to_dict() for name in preset_names()}, indent=2))
+        return 0
     for name in preset_names():
         print(load(name).describe())
     return 0
@@ -220,10 +333,14 @@ def _clusters(args) -> int:
 
 def _trace(args) -> int:
     from tera.models import load_spec
+    from tera.planner.inputs import check_traceable
     from tera.planner.trace import trace
 
     spec = load_spec(args.model)
-    graph = trace(spec, args.seq_len)
+    check_traceable(spec)
+    with _progress(_interactive(args)) as progress:
+        progress(f"tracing {spec.name} at {args.seq_len} tokens", None)
+        graph = trace(spec, args.seq_len)
     if args.json:
         import networkx as nx
 
@@ -316,15 +433,8 @@ def _search(args) -> int:
         print("error: --objective gpus needs --tokens and --days (the deadline)", file=sys.stderr)
         return 2
     console = _console()
-    quiet = args.json
-    with console.status("tracing and bounding the space ...", spinner="dots") as status:
-
-        def progress(message: str) -> None:
-            if not quiet:
-                status.update(f"searching: {message}")
-                if ": tp" in message:  # a new plan entered the top K
-                    console.print(f"  {message}", highlight=False)
-
+    with _progress(_interactive(args)) as progress:
+        progress(f"tracing {args.model}", None)
         result = search(
             args.model,
             args.cluster,
@@ -370,7 +480,7 @@ def _search(args) -> int:
         table.add_row(
             str(plan.rank),
             str(plan.config.gpus),
-            _short_layout(plan.layout),
+            plan.layout.brief(),
             f"{e.step_time_s:.4g}",
             f"{e.mfu:.1%}",
             f"{e.tokens_per_s_per_gpu:,.0f}",
@@ -398,22 +508,31 @@ def _export(args) -> int:
     return 0
 
 
-def _short_layout(layout) -> str:
-    """The layout keys that differ from their defaults, partition and recompute last."""
-    from tera.planner.layout import Layout
+def _show(args) -> int:
+    """`tera-plan show`: the plan's summary as text (or --json), and --html the page."""
+    from pathlib import Path
 
-    default = Layout()
-    keys = ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "dp_replicate", "zero", "mbs")
-    text = ",".join(
-        f"{k}={getattr(layout, k)}"
-        for k in keys
-        if k in ("tp", "pp", "ep", "dp", "zero", "mbs") or getattr(layout, k) != getattr(default, k)
-    )
-    modes = set(layout.stage_recompute)
-    text += f",recompute={modes.pop() if len(modes) == 1 else layout.recompute}"
-    if len(set(layout.partition)) > 1:
-        text += f",partition={':'.join(map(str, layout.partition))}"
-    return text
+    from tera.planner import report
+    from tera.planner.errors import InputError
+    from tera.planner.plan import Plan
+
+    plan = Plan.load(args.plan)
+    if args.html:
+        page = report.render_html(plan)
+        try:
+            Path(args.html).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise InputError(
+                "html", f"cannot write {args.html!r} ({exc.strerror})", "give a writable path"
+            ) from exc
+    if args.json:
+        print(json.dumps(report.summary(plan), indent=2))
+        return 0
+    console = _console()
+    report.print_summary(plan, console)
+    if args.html:
+        console.print(f"wrote {args.html} ({len(page.encode()) / 2**10:,.0f} KiB)")
+    return 0
 
 
 def _estimate(args) -> int:
@@ -441,9 +560,16 @@ def _estimate(args) -> int:
     console = _console()
     models = list(capacity.TABLE_MODELS) if args.table else [args.model]
     results = []
-    with console.status("estimating ...", spinner="dots") as status:
-        for model in models:
-            status.update(f"estimating {model} ...")
+    with _progress(_interactive(args)) as progress:
+        for i, model in enumerate(models):
+            name = f"{model} ({i + 1}/{len(models)})" if args.table else model
+
+            def step(message: str, fraction: float | None = None, i=i, name=name) -> None:
+                # a sweep shows how many models are done; one model shows its search
+                shown = i / len(models) if args.table else fraction
+                progress(f"{name}: {message}", shown)
+
+            step("tracing", None)
             results.append(
                 capacity.estimate(
                     capacity.table_spec(model) if args.table else model,
@@ -457,6 +583,7 @@ def _estimate(args) -> int:
                     precision=args.precision,
                     assumptions=assumptions,
                     time_limit=args.time_limit,
+                    progress=step,
                 )
             )
     if args.json:

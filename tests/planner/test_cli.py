@@ -234,13 +234,61 @@ def test_search_for_the_fewest_gpus_writes_a_plan_on_that_many(capsys, tmp_path)
     ("extra", "needle"),
     [
         (["--fix", "foo=2"], "foo"),
-        (["--fix", "tp=1,cp=1,pp=1,mbs=8"], "global batch"),
         (["--objective", "speed"], "objective"),
         (["--objective", "gpus", "--tokens", "1e9"], "--days"),
         (["--objective", "gpus", "--tokens", "3x", "--days", "1"], "tokens"),
-        (["--objective", "gpus", "--tokens", "1e12", "--days", "1e-9"], "deadline"),
     ],
 )
 def test_search_bad_input_is_one_line(capsys, extra, needle):
     code, _, err = run(capsys, *SEARCH, *extra)
     assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--fix", "tp=1,cp=1,pp=1,mbs=8"], ["global batch", "--global-batch 64 divides"]),
+        (["--objective", "gpus", "--tokens", "1e12", "--days", "1e-9"], ["deadline", "days"]),
+    ],
+)
+def test_an_infeasible_search_exits_3_with_the_change_that_fits(capsys, extra, needles):
+    code, _, err = run(capsys, *SEARCH, *extra)
+    lines = err.strip().splitlines()
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("infeasible: "), err
+    assert all(needle in lines[0] for needle in needles), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "preset", "key"),
+    [("models", "tiny-moe", "hidden"), ("clusters", "dgx-h100", "node")],
+)
+def test_preset_lists_print_json(capsys, command, preset, key):
+    code, out, _ = run(capsys, command, "--json")
+    assert code == 0 and key in json.loads(out)[preset]
+
+
+def test_search_reports_its_progress_as_fractions():
+    from tera.planner.solve import search
+    from tera.planner.solve.search import PLAN_FOUND
+
+    events = []
+    search(
+        "tiny-moe", "dgx-h100", 32, 128, gpus=8, top=3, progress=lambda m, f: events.append((m, f))
+    )
+    bounding = [f for m, f in events if m.startswith("bounding")]
+    assert bounding and bounding == sorted(bounding) and all(0 <= f < 1 for f in bounding)
+    assert all(0 <= f <= 1 for _, f in events if f is not None)
+    assert sum(m.startswith(PLAN_FOUND) for m, _ in events) >= 3  # each plan entering the top 3
+
+
+def test_the_progress_bar_prints_found_plans_to_stderr_only(capsys):
+    from tera.planner.cli import _progress
+    from tera.planner.solve.search import PLAN_FOUND
+
+    with _progress(True) as progress:
+        progress("bounding", 0.5)
+        progress(f"{PLAN_FOUND} tp2 pp1  0.5 (1 solved)", None)
+    with _progress(False) as progress:
+        progress(f"{PLAN_FOUND} quiet", None)
+    out, err = capsys.readouterr()
+    assert out == "" and "tp2 pp1" in err and "quiet" not in err

@@ -2,12 +2,13 @@
 
   python bench/solver.py [--cases small|big|all] [--time-limit SEC] [--no-write]
 
-Runs `search` (workers=2) per case and records the certificate, the configurations in the
-space and those CP-SAT solved, the best plan, and where the search's time went (wrapped
-solver methods). Targets: kimi-k2 on 16,384 H100 OPTIMAL in <= 10 s, deepseek-v3 on 2,048
-H800 in <= 5 s, each case >= 50x faster than exhaustive enumeration (enumerate.py) at the
-same optimum: timed where it finishes, else candidates x seconds per candidate, sampled
-uniformly over candidates. Prints the report and writes bench/results/solver.md.
+Runs `search` (CP-SAT on one worker, the default) per case and records the certificate, the
+configurations in the space and those CP-SAT solved, the best plan, and where the search's
+time went (wrapped solver methods). Targets: kimi-k2 on 16,384 H100 OPTIMAL in <= 10 s,
+deepseek-v3 on 2,048 H800 in <= 5 s, each case >= 50x faster than exhaustive enumeration
+(enumerate.py) at the same optimum: timed where it finishes, else candidates x seconds per
+candidate, sampled uniformly over candidates. Prints the report and writes
+bench/results/solver.md.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def run_case(case: Case, time_limit: float) -> dict:
     trace(spec, case.seq)  # cached: the search below reuses it
     trace_s = time.perf_counter() - start
     args = (spec, cluster, case.batch, case.seq)
-    kwargs = dict(precision=case.precision, time_limit=time_limit, workers=2)
+    kwargs = dict(precision=case.precision, time_limit=time_limit)
     result = search(*args, **kwargs)  # the reported run, without the timing wrappers
     with timed_methods() as parts:  # a second run for the breakdown
         timed_s = search(*args, **kwargs).certificate.seconds
@@ -184,7 +185,7 @@ def report(rows: list[dict], time_limit: float, warmup: float) -> str:
         "# Solver speed and optimality",
         "",
         "Written by `python bench/solver.py` (see its docstring; `--cases`, `--time-limit`).",
-        f"Machine: {platform.machine()}, os.cpu_count() = {os.cpu_count()} (CP-SAT workers=2), "
+        f"Machine: {platform.machine()}, os.cpu_count() = {os.cpu_count()} (CP-SAT workers=1), "
         f"Python {platform.python_version()}, OR-Tools {ortools.__version__}. "
         f"Date: {datetime.date.today()}. Time limit per search: {time_limit:g} s. Trace "
         f"times exclude torch's warm-up ({warmup:.2f} s, paid once per process by a throwaway "
@@ -220,8 +221,7 @@ def report(rows: list[dict], time_limit: float, warmup: float) -> str:
         [[r["case"].name, *(f"{v:.2f}" for v in breakdown(r).values())] for r in rows],
     )
     lines += [
-        "A second, instrumented search (CP-SAT with 2 workers is not deterministic, so its "
-        "path may differ from the reported run's). "
+        "A second, instrumented search (deterministic, so it takes the reported run's path). "
         "Lower bounds: `Bounds.quick` of every configuration and `Bounds.memory` of those "
         "reached; cost tables: "
         "`Searcher.tables`; data-parallel floor: `Searcher._dp_floor`; model building: "

@@ -155,8 +155,9 @@ def _divides_fix(searcher: Searcher) -> str:
 def _missed_deadline(searcher: Searcher, workers: int, tokens: float) -> SearchError:
     """No layout on up to the most GPUs meets the deadline: the days the fastest needs."""
     most = max(searcher.clusters)
-    fastest = searcher.sibling(clusters={most: searcher.clusters[most]})
-    fastest.objective = Objective("step_time")
+    fastest = searcher.sibling(
+        clusters={most: searcher.clusters[most]}, objective=Objective("step_time")
+    )
     problem = f"no layout that fits in memory meets the deadline on up to {most} GPUs"
     try:
         result = fastest.run(1, EXPLAIN_SECONDS, workers, None)

@@ -232,7 +232,6 @@ class Searcher:
         from tera.planner.trace import trace
 
         self.price = price_per_gpu_hour
-        self.pins = pins
         self.spec, self.clusters = spec, clusters
         self.global_batch, self.seq_len, self.precision = global_batch, seq_len, precision
         if isinstance(objective, str):
@@ -249,6 +248,11 @@ class Searcher:
         self._tables: dict[Config, ConfigTables] = {}
         self._floors: dict[Config, dict[str, int]] = {}
         self.bounds = Bounds(self)
+
+    @property
+    def pins(self) -> dict:
+        """The keys the user pinned (held by the space, which obeys them)."""
+        return self.space.pins
 
     # -- cost model access -----------------------------------------------------------------
     def cost_model(self, config: Config, layout: Layout | None = None) -> CostModel:
@@ -490,9 +494,15 @@ class Searcher:
             decided = decided and status == cp_model.INFEASIBLE
         return None, decided
 
-    def sibling(self, clusters: dict | None = None, seq_len: int | None = None, pins=None):
-        """The same problem on other clusters, another sequence length or other pins
-        (sharing the traced graph when the sequence is the same)."""
+    def sibling(
+        self,
+        clusters: dict | None = None,
+        seq_len: int | None = None,
+        pins: dict | None = None,
+        objective: Objective | None = None,
+    ):
+        """The same problem on other clusters, another sequence length, other pins or
+        another objective (sharing the traced graph when the sequence is the same)."""
         seq = self.seq_len if seq_len is None else seq_len
         return Searcher(
             self.spec,
@@ -501,7 +511,7 @@ class Searcher:
             seq,
             self.precision,
             self.pins if pins is None else pins,
-            self.objective,
+            self.objective if objective is None else objective,
             self.reserve,
             self.imbalance,
             self.cal,

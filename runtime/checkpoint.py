@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from tera.planner.errors import InputError
 from tera.runtime import faults
+from tera.runtime.files import write_atomically
 
 MARKER = "COMPLETE"
 MANIFEST = "files"  # the marker's key of {file name: {"bytes": size, "sha256": hex digest}}
@@ -158,12 +159,7 @@ def _publish(tmp: Path, final: Path, marker: dict[str, Any]) -> None:
     if final.exists():  # an earlier, possibly unmarked, checkpoint of the same step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    marker_tmp = final / (MARKER + ".tmp")
-    with open(marker_tmp, "w") as f:
-        json.dump(marker, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(marker_tmp, final / MARKER)
+    write_atomically(final / MARKER, json.dumps(marker))
     _fsync_dir(final)
     _fsync_dir(final.parent)
 

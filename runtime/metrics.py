@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tera.runtime.files import write_atomically
 
 
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
@@ -85,12 +86,7 @@ class MetricsWriter:
         kept = []
         if resumed_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_step]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(line + "\n" for line in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a")
 
     def write(

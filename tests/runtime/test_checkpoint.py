@@ -217,9 +217,13 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "step_4.tmp").is_dir() and not (tmp_path / "step_4").exists()
     assert checkpoint.latest(tmp_path) == 2
 
-    # A crash while writing the marker, after the rename.
+    # A crash while writing the marker, after the rename: half a temporary marker on disk.
+    def torn_write(path, text):
+        path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2])
+        raise OSError("killed")
+
     monkeypatch.setattr(checkpoint.dcp, "save", real_save)
-    monkeypatch.setattr(checkpoint.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    monkeypatch.setattr(checkpoint, "write_atomically", torn_write)
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, 4, {"t": Tensors(x=torch.full((3,), 4.0))})
     assert (tmp_path / "step_4").is_dir() and not (tmp_path / "step_4.tmp").exists()

@@ -1,9 +1,11 @@
 """Which implementation runs: the Triton kernel for CUDA tensors, the torch reference for
 every other device (the CPU, and `meta`, on which the planner traces the model).
 
-Under TRITON_INTERPRET=1, `triton_on_cpu()` sends CPU tensors to the Triton kernels too,
-which Triton's interpreter then runs on the CPU: the kernel tests compare them with the
-references so. Each op's contract is in the docstring of its module.
+`triton_for(device_type)` sends other tensors to the Triton kernels too, inside a block:
+CPU tensors under TRITON_INTERPRET=1, which Triton's interpreter then runs on the CPU (the
+kernel tests compare them with the references so), and `meta` tensors while
+tera.kernels.aot records the launches to compile them for a GPU that is not here. Each
+op's contract is in the docstring of its module.
 """
 
 from __future__ import annotations
@@ -22,30 +24,42 @@ from tera.kernels.permute import (
 )
 from tera.kernels.router import route_reference, route_triton
 
-_triton_on_cpu = False
+_also_triton: frozenset[str] = frozenset()  # device types beside CUDA sent to Triton
 
 
 @contextlib.contextmanager
-def triton_on_cpu():
-    """Run the Triton kernels on CPU tensors, in Triton's interpreter, inside the block."""
-    global _triton_on_cpu
-    if not _triton.INTERPRET:
+def triton_for(device_type: str):
+    """Inside the block, ops on `device_type` tensors run the Triton kernels.
+
+    "cpu": in Triton's interpreter, which needs TRITON_INTERPRET=1 set before tera.kernels
+    is first imported (Triton reads it when it decorates the kernels). "meta": only under
+    tera.kernels.aot.recording(), which records the launches instead of running them, and
+    so needs the compiler (TRITON_INTERPRET unset)."""
+    global _also_triton
+    if device_type == "cpu" and not _triton.INTERPRET:
         raise RuntimeError(
-            "triton_on_cpu needs TRITON_INTERPRET=1 in the environment before tera.kernels "
-            "is first imported (Triton reads it when it decorates the kernels)"
+            "Triton kernels on the CPU need TRITON_INTERPRET=1 in the environment before "
+            "tera.kernels is first imported (Triton reads it when it decorates the kernels)"
         )
-    previous, _triton_on_cpu = _triton_on_cpu, True
+    if device_type == "meta" and (_triton.INTERPRET or not _triton.AVAILABLE):
+        raise RuntimeError(
+            "Triton kernels on `meta` tensors need Triton compiling "
+            "(installed, TRITON_INTERPRET unset)"
+        )
+    if device_type not in ("cpu", "meta"):
+        raise ValueError(f"triton_for takes 'cpu' or 'meta', not {device_type!r}")
+    previous, _also_triton = _also_triton, _also_triton | {device_type}
     try:
         yield
     finally:
-        _triton_on_cpu = previous
+        _also_triton = previous
 
 
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether an op on `t` runs the Triton kernel (else the torch reference)."""
     if not _triton.AVAILABLE:
         return False
-    return t.is_cuda or (_triton_on_cpu and t.device.type == "cpu")
+    return t.is_cuda or t.device.type in _also_triton
 
 
 def route(logits_TE, top_k, score="softmax", bias_E=None, normalize=True, scale=1.0):

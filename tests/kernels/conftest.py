@@ -3,7 +3,7 @@
 Triton reads TRITON_INTERPRET when it decorates a kernel, that is when tera.kernels is
 first imported: pytest loads this file before it imports any test module, so the variable
 is set here. (A run that imports tera.kernels first through other tests is told so by
-tera.kernels.dispatch.triton_on_cpu.)
+tera.kernels.dispatch.triton_for("cpu").)
 """
 
 import os
@@ -13,13 +13,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tera.kernels.dispatch import triton_on_cpu  # noqa: E402
+from tera.kernels.dispatch import triton_for  # noqa: E402
 
 
 @pytest.fixture
 def triton():
     """Inside the test, ops on CPU tensors run the Triton kernels (interpreted)."""
-    with triton_on_cpu():
+    with triton_for("cpu"):
         yield
 
 

@@ -14,15 +14,28 @@ from tera.kernels import _triton, dispatch
 def test_kernels_only_for_cuda_or_inside_the_switch():
     cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
     assert not dispatch.uses_triton(cpu) and not dispatch.uses_triton(meta)
-    with dispatch.triton_on_cpu():
+    with dispatch.triton_for("cpu"):
         assert dispatch.uses_triton(cpu) and not dispatch.uses_triton(meta)
     assert not dispatch.uses_triton(cpu)
 
 
-def test_switch_refuses_compiled_kernels(monkeypatch):
+def test_cpu_switch_refuses_compiled_kernels(monkeypatch):
     monkeypatch.setattr(_triton, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        with dispatch.triton_on_cpu():
+        with dispatch.triton_for("cpu"):
+            pass
+
+
+def test_meta_switch_needs_the_compiler():
+    # These tests run under the interpreter (conftest.py), which cannot compile.
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
+        with dispatch.triton_for("meta"):
+            pass
+
+
+def test_switch_knows_its_device_types():
+    with pytest.raises(ValueError, match="'cpu' or 'meta'"):
+        with dispatch.triton_for("cuda"):
             pass
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from tera.kernels.dispatch import triton_on_cpu
+from tera.kernels.dispatch import triton_for
 from tera.models import load_spec
 from tera.models.moe import MoE
 
@@ -50,7 +50,7 @@ def test_layer_on_kernels_matches_layer_on_references(moe):
     layer = small(**moe)
     x_BSD = torch.randn(2, 19, 48)
     expected = run(layer, x_BSD)
-    with triton_on_cpu():
+    with triton_for("cpu"):
         actual = run(layer, x_BSD)
     # fp32 through three GEMMs summed in other orders: agreement to ~1e-5 of the scale
     close = dict(rtol=1e-4, atol=1e-4)

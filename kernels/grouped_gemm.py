@@ -172,21 +172,46 @@ def _grouped_mm_weight_grad_kernel(
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
-@functools.cache
-def _tuned(kernel_name: str):
-    """The kernel under Triton's autotuner (GPU only), keyed by its width arguments and,
-    as Triton always adds, the tensors' dtypes. Hopper-sized tiles, as in Triton's matmul
-    tutorial; fewer rows per tile serve experts with few rows."""
-    shapes = [
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per kind of tl.dot, all of which
+# bench/kernels_compile.py checks to compile for sm_90 without spilling registers and
+# with software-pipelined loads (bench/results/kernels-sm90-compile.md).
+_TILES = {
+    # bf16 and fp16 on the tensor cores (wgmma): Hopper-sized tiles, as in Triton's matmul
+    # tutorial; fewer rows per tile serve experts with few rows.
+    "16-bit": [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 8),
         (128, 128, 64, 3, 4),
         (64, 256, 64, 4, 4),
         (64, 128, 64, 4, 4),
-    ]
+    ],
+    # fp32 as TF32 on the tensor cores: the same tiles with half the K, so that a stage
+    # holds the same bytes of 4-byte operands and the stages fit in shared memory.
+    "tf32": [
+        (128, 256, 32, 3, 8),
+        (128, 128, 32, 4, 8),
+        (128, 128, 32, 3, 4),
+        (64, 256, 32, 3, 8),
+        (64, 128, 32, 4, 4),
+    ],
+    # fp32 in IEEE arithmetic runs on the CUDA cores, which hold every operand of the
+    # product in registers: the tensor-core tiles spill kilobytes per thread there.
+    "ieee": [
+        (128, 128, 8, 3, 8),
+        (128, 64, 16, 3, 8),
+        (64, 64, 32, 3, 4),
+        (64, 64, 16, 4, 4),
+    ],
+}
+
+
+@functools.cache
+def _tuned(kernel_name: str, dot: str):
+    """The kernel under Triton's autotuner (GPU only) over the tiles of its kind of dot,
+    keyed by its width arguments and, as Triton always adds, the tensors' dtypes."""
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
-        for m, n, k, s, w in shapes
+        for m, n, k, s, w in _TILES[dot]
     ]
     if kernel_name == "forward":
         return triton.autotune(configs, key=["N", "KD"])(_grouped_mm_kernel)
@@ -202,6 +227,13 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     if dtype == torch.float32:
         return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return False, "tf32"
+
+
+def _dot_kind(dtype: torch.dtype, precision: str) -> str:
+    """The key of _TILES for operands of `dtype` multiplied at `precision`."""
+    if dtype != torch.float32:
+        return "16-bit"
+    return precision
 
 
 def _launch_forward(x_RD, w_EDF, offsets_E) -> torch.Tensor:
@@ -220,7 +252,7 @@ def _launch_forward(x_RD, w_EDF, offsets_E) -> torch.Tensor:
     if INTERPRET:
         _grouped_mm_kernel[grid(_INTERPRETER_BLOCKS)](*args, **options, **_INTERPRETER_BLOCKS)
     else:
-        _tuned("forward")[grid](*args, **options)
+        _tuned("forward", _dot_kind(x_RD.dtype, precision))[grid](*args, **options)
     return y_RF
 
 
@@ -240,7 +272,7 @@ def _launch_weight_grad(x_RD, dy_RF, offsets_E, experts: int) -> torch.Tensor:
         blocks = _INTERPRETER_BLOCKS
         _grouped_mm_weight_grad_kernel[grid(blocks)](*args, **options, **blocks)
     else:
-        _tuned("weight_grad")[grid](*args, **options)
+        _tuned("weight_grad", _dot_kind(x_RD.dtype, precision))[grid](*args, **options)
     return dw_EDF
 
 

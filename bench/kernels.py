@@ -128,27 +128,29 @@ def peak_rates(timer: Timer) -> tuple[float, float]:
     return flops, copy
 
 
-def route_experts(T: int, E: int, K: int, routing: str) -> torch.Tensor:
-    """expert_idx_TK on the GPU (see the module docstring)."""
+def route_experts(T: int, E: int, K: int, routing: str, device: str) -> torch.Tensor:
+    """expert_idx_TK (see the module docstring)."""
     if routing == "balanced":
-        return (torch.arange(T * K, device="cuda") % E).view(T, K)
-    return torch.multinomial(zipf(E).expand(T, E), K)
+        return (torch.arange(T * K, device=device) % E).view(T, K)
+    return torch.multinomial(zipf(E, device).expand(T, E), K)
 
 
-def zipf(E: int) -> torch.Tensor:
-    return 1 / torch.arange(1, E + 1, device="cuda", dtype=torch.float32)
+def zipf(E: int, device: str) -> torch.Tensor:
+    return 1 / torch.arange(1, E + 1, device=device, dtype=torch.float32)
 
 
 class Shape:
-    """The rows of one (model, tokens, routing): each op on inputs built for it."""
+    """The rows of one (model, tokens, routing): each op on inputs built for it. `device`
+    is "cuda" but for tests/kernels/test_bench.py, which runs the plumbing on the CPU in
+    Triton's interpreter with a stand-in timer."""
 
-    def __init__(self, spec, T: int, routing: str, timer: Timer, flops: float, copy: float):
+    def __init__(self, spec, T, routing, timer: Timer, flops, copy, device: str = "cuda"):
         m = spec.moe
-        self.spec, self.T, self.routing = spec, T, routing
+        self.spec, self.T, self.routing, self.device = spec, T, routing, device
         self.D, self.F, self.E, self.K = spec.hidden, m.expert_hidden, m.experts, m.top_k
         self.R = T * self.K
         self.timer, self.flops, self.copy = timer, flops, copy
-        self.expert_idx_TK = route_experts(T, self.E, self.K, routing)
+        self.expert_idx_TK = route_experts(T, self.E, self.K, routing, device)
         self.counts_E = expert_counts(self.expert_idx_TK, self.E)
         self.load = self.counts_E.max().item() / (self.R / self.E)
         self.rows: list[Row] = []
@@ -172,11 +174,12 @@ class Shape:
 
     def run(self) -> list[Row]:
         m, T, D, F, E, K, R = self.spec.moe, self.T, self.D, self.F, self.E, self.K, self.R
+        device = self.device
         # The router's logits lean towards the routing's popularity, so it routes that way.
-        logits_TE = torch.randn(T, E, device="cuda")
+        logits_TE = torch.randn(T, E, device=device)
         if self.routing == "skewed":
-            logits_TE += zipf(E).log()
-        bias_E = torch.zeros(E, device="cuda") if m.expert_bias else None
+            logits_TE += zipf(E, device).log()
+        bias_E = torch.zeros(E, device=device) if m.expert_bias else None
         gate = (logits_TE.to(BF16), K, m.score, bias_E, m.normalize_top_k, m.route_scale)
         moved = T * E * 2 + T * K * (8 + 4) + E * 4  # logits in; indices, weights, counts out
         self.add(
@@ -188,7 +191,7 @@ class Shape:
         self.add("routing map", lambda: routing_map(idx_TK, counts_E), None, moved / self.copy)
         row_TK, offsets_E = routing_map(idx_TK, counts_E)
 
-        x_TD = torch.randn(T, D, device="cuda", dtype=BF16)
+        x_TD = torch.randn(T, D, device=device, dtype=BF16)
         moved = (T + R) * D * 2 + R * 8  # token rows in, routed rows out, the map
         self.add(
             "permute",
@@ -197,7 +200,7 @@ class Shape:
             moved / self.copy,
         )
         x_RD = permute_triton(x_TD, row_TK, R)
-        weight_TK = torch.rand(T, K, device="cuda")
+        weight_TK = torch.rand(T, K, device=device)
         moved = (R + T) * D * 2 + R * (8 + 4)  # routed rows in, token rows out, map, weights
         self.add(
             "unpermute",
@@ -207,7 +210,7 @@ class Shape:
         )
 
         gemm_s = 2 * R * D * F / self.flops
-        w_EDF = torch.randn(E, D, F, device="cuda", dtype=BF16) / D**0.5
+        w_EDF = torch.randn(E, D, F, device=device, dtype=BF16) / D**0.5
         self.add(
             "gemm up",
             lambda: gg.grouped_gemm_triton(x_RD, w_EDF, offsets_E),

@@ -26,6 +26,7 @@ Run: python bench/kernels_compile.py [--models a,b] [--tokens N] [--dtypes bfloa
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -35,7 +36,13 @@ from pathlib import Path
 import torch
 
 from tera.kernels import _triton
-from tera.kernels.aot import SM90_SHARED_BYTES_PER_BLOCK, Launch, compile_launch, recording
+from tera.kernels.aot import (
+    SM90_SHARED_BYTES_PER_BLOCK,
+    Launch,
+    Resources,
+    compile_launch,
+    recording,
+)
 from tera.models import load_spec
 from tera.models.moe import MoE
 
@@ -45,8 +52,10 @@ ROW_MOVERS = ("_permute_kernel", "_unpermute_kernel", "_unpermute_backward_kerne
 RESULTS = Path(__file__).parent / "results"
 
 
-@dataclasses.dataclass
-class Row:
+@dataclasses.dataclass(frozen=True)
+class Row(Resources):
+    """One compiled variant's resources, and where in which layer it comes from."""
+
     model: str
     dtype: str
     kernel: str
@@ -54,17 +63,11 @@ class Row:
     options: str  # the launch's constexpr and option arguments
     config: str  # the autotuning config ("" for a kernel without autotuning)
     calls: int  # launches per layer step that compile to this variant
-    registers: int
-    spill_bytes: int
-    shared_bytes: int
-    wgmma: int
-    async_copies: int
-    widest_load: int
-    widest_store: int
 
     @property
-    def fits(self) -> bool:
-        return self.shared_bytes <= SM90_SHARED_BYTES_PER_BLOCK
+    def launch(self) -> tuple:
+        """What tells its launch from the layer's others (its configs share it)."""
+        return self.model, self.dtype, self.kernel, self.operands, self.options
 
 
 def layer_launches(model: str, tokens: int, dtype: torch.dtype) -> list[Launch]:
@@ -97,20 +100,38 @@ def compile_rows(model: str, tokens: int, dtype_name: str) -> list[Row]:
         launches = layer_launches(model, tokens, dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
-    rows: dict[tuple, Row] = {}
+    calls: collections.Counter[tuple] = collections.Counter()
+    first: dict[tuple, tuple[Launch, dict]] = {}  # launches that compile alike, once
     for launch in launches:
         operands, options = describe(launch)
         for config, kwargs in launch.variants():
             key = (launch.name, operands, options, config)
-            if key in rows:
-                rows[key].calls += 1
-                continue
-            used = compile_launch(launch.kernel, launch.args, kwargs)
-            rows[key] = Row(
-                model, dtype_name, launch.name, operands, options, config,
-                1, **dataclasses.asdict(used),
-            )  # fmt: skip
-    return list(rows.values())
+            calls[key] += 1
+            first.setdefault(key, (launch, kwargs))
+    rows = []
+    for (kernel, operands, options, config), (launch, kwargs) in first.items():
+        used = compile_launch(launch.kernel, launch.args, kwargs)
+        rows.append(
+            Row(
+                **dataclasses.asdict(used),
+                model=model,
+                dtype=dtype_name,
+                kernel=kernel,
+                operands=operands,
+                options=options,
+                config=config,
+                calls=calls[kernel, operands, options, config],
+            )
+        )
+    return rows
+
+
+def by_launch(rows: list[Row]) -> dict[tuple, list[Row]]:
+    """The rows grouped by launch: one row per autotuning config, or just one."""
+    launches: dict[tuple, list[Row]] = {}
+    for r in rows:
+        launches.setdefault(r.launch, []).append(r)
+    return launches
 
 
 def problems(rows: list[Row]) -> list[str]:
@@ -126,13 +147,17 @@ def problems(rows: list[Row]) -> list[str]:
             found.append(f"{where}: tl.dot is not on the tensor cores (no wgmma)")
         if r.kernel in ROW_MOVERS and min(r.widest_load, r.widest_store) < 16:
             found.append(f"{where}: rows move {r.widest_load}/{r.widest_store}-byte accesses")
-    launches: dict[tuple, list[Row]] = {}
-    for r in rows:
-        launches.setdefault((r.model, r.dtype, r.kernel, r.operands, r.options), []).append(r)
-    for (model, dtype, kernel, operands, _), variants in launches.items():
-        if not any(v.fits for v in variants):
+    for (model, dtype, kernel, operands, _), variants in by_launch(rows).items():
+        if not any(v.fits_sm90 for v in variants):
             found.append(f"{model} {dtype} {kernel} ({operands}): no config fits shared memory")
     return found
+
+
+def span(values) -> str:
+    """The range of the values as "low-high", or the one value."""
+    values = list(values)
+    low, high = min(values), max(values)
+    return f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -144,17 +169,8 @@ def table(rows: list[Row]) -> list[str]:
         "| widest store B |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    launches: dict[tuple, list[Row]] = {}
-    for r in rows:
-        launches.setdefault((r.model, r.dtype, r.kernel, r.operands, r.options), []).append(r)
-    for (model, dtype, kernel, operands, options), variants in launches.items():
-
-        def span(values) -> str:
-            values = list(values)
-            low, high = min(values), max(values)
-            return f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"
-
-        fitting = sum(v.fits for v in variants)
+    for (model, dtype, kernel, operands, options), variants in by_launch(rows).items():
+        fitting = sum(v.fits_sm90 for v in variants)
         lines.append(
             f"| {model} | {dtype} | {kernel.strip('_')} | {operands} | {options} "
             f"| {variants[0].calls} | {fitting}/{len(variants)} "

@@ -73,26 +73,24 @@ def recording() -> Iterator[list[Launch]]:
     """Inside the block, ops on `meta` tensors go to the Triton wrappers and every launch
     (plain or autotuned) is appended to the yielded list instead of running. The wrappers'
     outputs are then unwritten `meta` tensors, which is all that shapes need."""
-    if not _triton.AVAILABLE or _triton.INTERPRET:
-        raise RuntimeError("recording launches needs Triton compiling (TRITON_INTERPRET unset)")
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    with dispatch.triton_for("meta"):  # refuses without Triton compiling
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
 
-    launches: list[Launch] = []
+        launches: list[Launch] = []
 
-    def record_jit(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs))
+        def record_jit(self, *args, grid, warmup, **kwargs):
+            launches.append(Launch(self, args, kwargs))
 
-    def record_tuned(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self.fn, args, kwargs, list(self.configs)))
+        def record_tuned(self, *args, grid, warmup, **kwargs):
+            launches.append(Launch(self.fn, args, kwargs, list(self.configs)))
 
-    run_jit, run_tuned = JITFunction.run, Autotuner.run
-    JITFunction.run, Autotuner.run = record_jit, record_tuned
-    try:
-        with dispatch.triton_for("meta"):
+        run_jit, run_tuned = JITFunction.run, Autotuner.run
+        JITFunction.run, Autotuner.run = record_jit, record_tuned
+        try:
             yield launches
-    finally:
-        JITFunction.run, Autotuner.run = run_jit, run_tuned
+        finally:
+            JITFunction.run, Autotuner.run = run_jit, run_tuned
 
 
 @dataclasses.dataclass(frozen=True)
